@@ -1,0 +1,43 @@
+"""jaxshape: gradient shaping against data poisoning, in JAX.
+
+Per-example gradients, optax transforms that clip and noise them (and the
+paper's proposed adaptive noise), the paper's models, a pure training loop,
+poisoning attacks and the experiments of Hong et al. 2020, "On the
+Effectiveness of Mitigating Data Poisoning Attacks with Gradient Shaping".
+"""
+
+from jaxshape import accounting
+from jaxshape import models
+from jaxshape import train
+from jaxshape.grads import ClippedSum
+from jaxshape.grads import clipped_sum_and_norms
+from jaxshape.grads import per_example_grads
+from jaxshape.grads import per_example_norms
+from jaxshape.transforms import AddAdaptiveNoiseState
+from jaxshape.transforms import AddGaussianNoiseState
+from jaxshape.transforms import ClipPerExampleState
+from jaxshape.transforms import add_adaptive_noise
+from jaxshape.transforms import add_gaussian_noise
+from jaxshape.transforms import clip_per_example
+from jaxshape.transforms import dp_adam
+from jaxshape.transforms import dp_sgd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddAdaptiveNoiseState",
+    "AddGaussianNoiseState",
+    "ClipPerExampleState",
+    "ClippedSum",
+    "accounting",
+    "add_adaptive_noise",
+    "add_gaussian_noise",
+    "clip_per_example",
+    "clipped_sum_and_norms",
+    "dp_adam",
+    "dp_sgd",
+    "models",
+    "per_example_grads",
+    "per_example_norms",
+    "train",
+]

@@ -1,0 +1,174 @@
+"""The paper's classifiers (Appendix C, Table 4) in Flax, and their loss.
+
+Shapes: B batch, H/W image height/width, Ci channels, C classes, F features of
+the penultimate layer.
+
+Every model maps inputs `x_B...` to logits `logits_BC`; `features` gives the
+penultimate representation used by feature-collision attacks (Poison Frogs,
+§6.3). Kernels use Keras' default initialisation (Glorot-uniform, zero biases),
+as the paper's TF code did.
+
+References:
+  Hong et al., "On the Effectiveness of Mitigating Data Poisoning Attacks with
+  Gradient Shaping", 2020, Appendix C (architectures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+glorot_uniform = nn.initializers.glorot_uniform()
+
+
+def _dense(features: int, name: str | None = None) -> nn.Dense:
+  return nn.Dense(features, kernel_init=glorot_uniform, bias_init=nn.initializers.zeros, name=name)
+
+
+class LR(nn.Module):
+  """Multinomial softmax regression: flatten -> dense(num_classes).
+
+  The paper's "LR" (§3.2, §6.2; two logits on FashionMNIST-3/4). Its features
+  are the flattened input.
+  """
+
+  num_classes: int
+
+  def features(self, x_B: jax.Array) -> jax.Array:
+    return x_B.reshape((x_B.shape[0], -1))
+
+  @nn.compact
+  def __call__(self, x_B: jax.Array) -> jax.Array:
+    return _dense(self.num_classes, name="head")(self.features(x_B))
+
+
+class MLP(nn.Module):
+  """flatten -> [dense(h), ReLU] for h in hidden -> dense(num_classes).
+
+  The paper's Table 4 has one hidden layer of 256 (the default); its code used
+  two, which `hidden=(256, 256)` gives.
+  """
+
+  num_classes: int
+  hidden: Sequence[int] = (256,)
+
+  def setup(self):
+    self.hidden_layers = [_dense(h, name=f"hidden_{i}") for i, h in enumerate(self.hidden)]
+    self.head = _dense(self.num_classes)
+
+  def features(self, x_B: jax.Array) -> jax.Array:
+    h_BF = x_B.reshape((x_B.shape[0], -1))
+    for layer in self.hidden_layers:
+      h_BF = nn.relu(layer(h_BF))
+    return h_BF
+
+  def __call__(self, x_B: jax.Array) -> jax.Array:
+    return self.head(self.features(x_B))
+
+
+class CNN(nn.Module):
+  """conv3x3x16-ReLU -> conv3x3x32-ReLU -> maxpool 2x2 -> dense(hidden)-ReLU -> dense(C).
+
+  The paper's Table 4 CNN. `padding="VALID"` and `hidden=64` are the table;
+  the FashionMNIST "BadNet" of §3.3 used `padding="SAME"`, `hidden=256`. The
+  table's dropout (0.5 after pooling) is `dropout_rate`; it defaults to 0
+  because dropout needs a per-example key under per-example gradients and
+  the published DP numbers do not depend on it.
+  """
+
+  num_classes: int
+  hidden: int = 64
+  padding: str = "VALID"
+  dropout_rate: float = 0.0
+
+  def setup(self):
+    conv = lambda f, name: nn.Conv(
+        f, (3, 3), padding=self.padding, kernel_init=glorot_uniform, name=name
+    )
+    self.conv_0 = conv(16, "conv_0")
+    self.conv_1 = conv(32, "conv_1")
+    self.dense_0 = _dense(self.hidden, name="dense_0")
+    self.head = _dense(self.num_classes, name="head")
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def features(self, x_BHWC: jax.Array, *, train: bool = False) -> jax.Array:
+    h = nn.relu(self.conv_0(x_BHWC))
+    h = nn.relu(self.conv_1(h))
+    h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = self.dropout(h, deterministic=not train or self.dropout_rate == 0.0)
+    h_BF = h.reshape((h.shape[0], -1))
+    return nn.relu(self.dense_0(h_BF))
+
+  def __call__(self, x_BHWC: jax.Array, *, train: bool = False) -> jax.Array:
+    return self.head(self.features(x_BHWC, train=train))
+
+
+MODELS = {"lr": LR, "mlp": MLP, "cnn": CNN}
+
+
+def make_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds one of the paper's models by name: "lr", "mlp" or "cnn"."""
+  if name not in MODELS:
+    raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+  if num_classes < 2:
+    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+  return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def init_params(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> Params:
+  """Initial parameters for inputs of shape `input_shape` (one example, no batch axis)."""
+  return model.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierLoss:
+  """Mean softmax cross-entropy of `model` on a batch: `loss(params, batch)`.
+
+  `batch` is a dict with `x` (inputs), `y` (int labels) and optionally `mask`
+  (1.0 for real examples, 0.0 for padding; the mean is over real examples)
+  and `weight` (per-example loss weights). It is a hashable, callable value,
+  so it can be a static argument of `jit`, and the fast exact per-example
+  paths of `jaxshape.grads` recognise it by type.
+
+  Example:
+    >>> loss_fn = ClassifierLoss(MLP(num_classes=10))
+    >>> loss = loss_fn(params, {"x": x_B784, "y": y_B})
+  """
+
+  model: nn.Module
+
+  def per_example(self, params: Params, batch: Batch) -> jax.Array:
+    """Cross-entropy of each example, `[B]`, before masking and weighting."""
+    logits_BC = self.model.apply({"params": params}, batch["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch["y"])
+
+  def __call__(self, params: Params, batch: Batch) -> jax.Array:
+    loss_B = self.per_example(params, batch)
+    weight_B = jnp.ones_like(loss_B)
+    if "weight" in batch:
+      weight_B = weight_B * batch["weight"]
+    if "mask" in batch:
+      weight_B = weight_B * batch["mask"]
+      count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+    else:
+      count = loss_B.shape[0]
+    return jnp.sum(weight_B * loss_B) / count
+
+
+def predict(model: nn.Module, params: Params, x_B: jax.Array) -> jax.Array:
+  """Predicted class of each input, `[B]` int32."""
+  return jnp.argmax(model.apply({"params": params}, x_B), axis=-1).astype(jnp.int32)
+
+
+def features(model: nn.Module, params: Params, x_B: jax.Array) -> jax.Array:
+  """Penultimate-layer features `[B, F]` (the space of feature collision, §6.3)."""
+  return model.apply({"params": params}, x_B, method=model.features)
