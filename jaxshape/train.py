@@ -172,14 +172,38 @@ def train_step(
   return TrainState(params, opt_state, state.step + 1), metrics
 
 
-def epoch_batches(key: jax.Array, num_examples: int, batch_size: int):
-  """Shuffled example indices `[S, B]` and their mask `[S, B]` (0 marks padding)."""
-  steps = -(-num_examples // batch_size)
-  perm_N = jax.random.permutation(key, num_examples)
-  pad = steps * batch_size - num_examples
+def epoch_batches(key: jax.Array, valid_N: jax.Array | int, batch_size: int):
+  """Shuffled example indices `[S, B]` and their mask `[S, B]` (0 marks padding).
+
+  `valid_N` is the number of examples N, or a `[N]` mask of the examples that
+  exist (a padded poisoned set: masked examples are never drawn). Real
+  examples come first in random order, so batches are full except the last
+  real one; steps after it are all padding (and no-ops in `train_epoch`).
+  """
+  if isinstance(valid_N, int):
+    n = valid_N
+    perm_N = jax.random.permutation(key, n)
+    valid_sorted_N = jnp.ones([n], jnp.float32)
+  else:
+    n = valid_N.shape[0]
+    u_N = jnp.where(valid_N > 0, jax.random.uniform(key, (n,)), 2.0)
+    perm_N = jnp.argsort(u_N)
+    valid_sorted_N = (valid_N[perm_N] > 0).astype(jnp.float32)
+  steps = -(-n // batch_size)
+  pad = steps * batch_size - n
   idx = jnp.concatenate([perm_N, jnp.zeros([pad], perm_N.dtype)])
-  mask = jnp.concatenate([jnp.ones([num_examples], jnp.float32), jnp.zeros([pad], jnp.float32)])
+  mask = jnp.concatenate([valid_sorted_N, jnp.zeros([pad], jnp.float32)])
   return idx.reshape(steps, batch_size), mask.reshape(steps, batch_size)
+
+
+def _weighted_mean(tree_S, weight_S):
+  total = jnp.maximum(jnp.sum(weight_S), 1.0)
+
+  def mean(m):
+    w = weight_S.reshape((-1,) + (1,) * (m.ndim - 1)).astype(m.dtype)
+    return jnp.sum(jnp.where(w > 0, m, 0) * w, axis=0) / total.astype(m.dtype)
+
+  return jax.tree.map(mean, tree_S)
 
 
 def train_epoch(
@@ -193,26 +217,40 @@ def train_epoch(
 ):
   """One shuffled pass over `data` as a `lax.scan`.
 
-  Returns the new state, the epoch's mean `StepMetrics` (non-finite counts
-  summed) and, with `batch_metrics_fn(params, batch)`, its output averaged
-  over the epoch's batches (evaluated before each update).
+  With `data["mask"]` (1 for examples that exist, 0 for padding, e.g. a
+  poisoned set padded to the size of the largest poison ratio in a grid),
+  only real examples are drawn and steps with no real example leave the state
+  unchanged, so padding changes nothing but the compiled shape.
+
+  Returns the new state, the epoch's mean `StepMetrics` over steps with real
+  examples (non-finite counts summed) and, with `batch_metrics_fn(params,
+  batch)`, its output averaged over the same steps (evaluated before each
+  update).
   """
   n = jax.tree.leaves(data)[0].shape[0]
-  idx_SB, mask_SB = epoch_batches(key, n, spec.batch_size)
-  steps = idx_SB.shape[0]
+  valid = data["mask"] if "mask" in data else n
+  idx_SB, mask_SB = epoch_batches(key, valid, spec.batch_size)
+  if "mask" in data:
+    real_steps = jnp.ceil(jnp.sum(data["mask"] > 0) / spec.batch_size).astype(jnp.int32)
+  else:
+    real_steps = idx_SB.shape[0]
 
   def body(state, xs):
     idx_B, mask_B = xs
-    batch = {k: v[idx_B] for k, v in data.items()}
-    batch["mask"] = mask_B * batch["mask"] if "mask" in batch else mask_B
+    batch = {k: v[idx_B] for k, v in data.items() if k != "mask"}
+    batch["mask"] = mask_B
     extra = batch_metrics_fn(state.params, batch) if batch_metrics_fn else None
-    state, metrics = train_step(spec, hparams, state, batch, noise_key, steps)
-    return state, (metrics, extra)
+    new_state, metrics = train_step(spec, hparams, state, batch, noise_key, real_steps)
+    if "mask" in data:
+      has_real = jnp.any(mask_B > 0)
+      new_state = jax.tree.map(lambda a, b: jnp.where(has_real, a, b), new_state, state)
+    return new_state, (metrics, extra)
 
   state, (metrics_S, extra_S) = jax.lax.scan(body, state, (idx_SB, mask_SB))
-  means = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_S)
+  real_S = jnp.any(mask_SB > 0, axis=1).astype(jnp.float32)
+  means = _weighted_mean(metrics_S, real_S)
   means = means._replace(num_nonfinite=jnp.sum(metrics_S.num_nonfinite))
-  extra = jax.tree.map(lambda m: jnp.mean(m, axis=0), extra_S)
+  extra = _weighted_mean(extra_S, real_S)
   return state, means, extra
 
 
@@ -241,7 +279,7 @@ def fit(
     hparams: `HParams` of scalars.
     key: PRNG key; split into initialisation, shuffling and noise keys.
     data: dict with `x` `[N, ...]`, `y` `[N]` int32, optionally `weight`,
-      `mask` (0 excludes an example) and any other per-example arrays (e.g.
+      `mask` (0: padding, never drawn) and any other per-example arrays (e.g.
       `is_poison`) that `batch_metrics_fn` may use.
     init_params: parameters to fine-tune from; None initialises the model.
     eval_fn: `eval_fn(params) -> dict of arrays`, recorded after every epoch
@@ -251,14 +289,14 @@ def fit(
 
   Returns:
     `FitResult(params, records)`; `records` has `train_loss`, `norm_mean`,
-    `norm_max`, `frac_clipped`, `num_nonfinite`, the `eval_fn` outputs and
+    `norm_max`, `frac_clipped`, `num_nonfinite`, `step` (updates so far), the `eval_fn` outputs and
     `batch_metrics` (if given), each with a leading epoch axis.
   """
   key_init, key_shuffle, key_noise = jax.random.split(key, 3)
-  n = data["x"].shape[0]
   if init_params is None:
     init_params = models_lib.init_params(spec.model, key_init, data["x"].shape[1:])
-  state = init_state(spec, hparams, init_params, key_noise, spec.steps_per_epoch(n))
+  steps_per_epoch = spec.steps_per_epoch(data["x"].shape[0])
+  state = init_state(spec, hparams, init_params, key_noise, steps_per_epoch)
 
   def epoch(state, epoch_key):
     state, metrics, extra = train_epoch(
@@ -270,6 +308,7 @@ def fit(
         "norm_max": metrics.norm_max,
         "frac_clipped": metrics.frac_clipped,
         "num_nonfinite": metrics.num_nonfinite,
+        "step": state.step,
     }
     if eval_fn is not None:
       record.update(eval_fn(state.params))

@@ -117,3 +117,22 @@ def test_accuracy_in_chunks_equals_whole(data):
 def test_bad_spec(kw, name):
   with pytest.raises(ValueError, match=name):
     _spec(**kw)
+
+
+@pytest.mark.parametrize("defense", ["vanilla", "dp", "adaptive"])
+def test_padding_is_never_drawn_and_changes_nothing(data, defense):
+  """A set padded with masked rows trains exactly as if the rows held anything else."""
+  pad = 40
+  mask = jnp.concatenate([jnp.ones(N), jnp.zeros(pad)])
+  x = jnp.concatenate([data["x"], jnp.zeros((pad, 6))])
+  y = jnp.concatenate([data["y"], jnp.zeros(pad, jnp.int32)])
+  garbage_x = x.at[N:].set(1e3)
+  spec = _spec(defense, epochs=2, optimizer="adam")
+  hp = train.HParams.create(0.05, 1.0, 0.3)
+  drawn = lambda params, batch: jnp.sum(batch["mask"] * (batch["x"][:, 0] > 100))
+  a = train.fit(spec, hp, jax.random.key(0), {"x": x, "y": y, "mask": mask}, batch_metrics_fn=drawn)
+  b = train.fit(spec, hp, jax.random.key(0), {"x": garbage_x, "y": y, "mask": mask})
+  chex.assert_trees_all_equal(a.params, b.params)
+  np.testing.assert_array_equal(a.records["batch_metrics"], 0.0)
+  # Only steps with real examples count: ceil(70 / 16) = 5 per epoch, not ceil(110 / 16) = 7.
+  np.testing.assert_array_equal(a.records["step"], [5, 10])
