@@ -33,7 +33,7 @@ data:
 	fi
 
 demo: $(STAMP) data
-	$(PY) -m experiments.demo --out $(OUT)/demo
+	$(PY) -m experiments.indiscriminate --preset=quick --out=$(OUT)/demo
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench
