@@ -7,7 +7,10 @@ Effectiveness of Mitigating Data Poisoning Attacks with Gradient Shaping".
 """
 
 from jaxshape import accounting
+from jaxshape import analysis
 from jaxshape import models
+from jaxshape import results
+from jaxshape import sweep
 from jaxshape import train
 from jaxshape.grads import ClippedSum
 from jaxshape.grads import clipped_sum_and_norms
@@ -30,6 +33,7 @@ __all__ = [
     "ClipPerExampleState",
     "ClippedSum",
     "accounting",
+    "analysis",
     "add_adaptive_noise",
     "add_gaussian_noise",
     "clip_per_example",
@@ -39,5 +43,7 @@ __all__ = [
     "models",
     "per_example_grads",
     "per_example_norms",
+    "results",
+    "sweep",
     "train",
 ]
