@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
-
 
 def epsilon(
     noise_multiplier: float,
@@ -58,6 +56,8 @@ def epsilon(
     return 0.0
   if noise_multiplier == 0:
     return math.inf
+  import dp_accounting  # imported here: it takes seconds and most users never call this
+
   event = dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(
           float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))
