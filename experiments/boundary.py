@@ -27,10 +27,15 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from experiments import common
-from jaxshape import accounting, data, models, results, train
+from jaxshape import accounting
+from jaxshape import data
+from jaxshape import models
+from jaxshape import results
+from jaxshape import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,30 +55,30 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(seeds=2, epochs=3, hidden=16, grid=40),
-    "quick": Config(),
-    "paper": Config(seeds=5, epochs=200),
+  "smoke": Config(seeds=2, epochs=3, hidden=16, grid=40),
+  "quick": Config(),
+  "paper": Config(seeds=5, epochs=200),
 }
 
 COLUMNS = (
-    "defense",
-    "clip_norm",
-    "noise_multiplier",
-    "seed",
-    "train_acc",
-    "test_acc",
-    "epsilon",
+  "defense",
+  "clip_norm",
+  "noise_multiplier",
+  "seed",
+  "train_acc",
+  "test_acc",
+  "epsilon",
 )
 
 
 def _train_all(config: Config, defense: str, ds, keys):
   model = models.MLP(num_classes=2, hidden=(config.hidden,))
   spec = train.TrainSpec(
-      models.ClassifierLoss(model),
-      optimizer="sgd",
-      defense=defense,
-      batch_size=config.batch_size,
-      epochs=config.epochs,
+    models.ClassifierLoss(model),
+    optimizer="sgd",
+    defense=defense,
+    batch_size=config.batch_size,
+    epochs=config.epochs,
   )
   if defense == "vanilla":
     hp = train.HParams.create(config.learning_rate)
@@ -112,8 +117,9 @@ def _plot(path, ds, panels, grid):
     xx, yy, prob = _confidence_grid(model, params, x_lim, y_lim, grid)
     contour = ax.contourf(xx, yy, prob, levels=np.linspace(0, 1, 11), cmap="RdBu", alpha=0.8)
     ax.contour(xx, yy, prob, levels=[0.5], colors="k", linewidths=1)
-    ax.scatter(ds.x_test[:, 0], ds.x_test[:, 1], c=colors[ds.y_test], s=6, edgecolors="white",
-               linewidths=0.3)
+    ax.scatter(
+      ds.x_test[:, 0], ds.x_test[:, 1], c=colors[ds.y_test], s=6, edgecolors="white", linewidths=0.3
+    )
     ax.set_title(title)
     fig.colorbar(contour, ax=ax, label="P(class 1)")
   for ax in axes:
@@ -142,7 +148,8 @@ def run(config: Config) -> dict:
       for seed in range(config.seeds):
         params = jax.tree.map(lambda p, s=seed: p[s], params_S)
         is_dp = defense == "dp"
-        rows.append({
+        rows.append(
+          {
             "defense": defense,
             "clip_norm": config.clip_norm if is_dp else float("inf"),
             "noise_multiplier": config.noise_multiplier if is_dp else 0.0,
@@ -150,12 +157,17 @@ def run(config: Config) -> dict:
             "train_acc": float(train.accuracy(model, params, ds.x_train, ds.y_train)),
             "test_acc": float(train.accuracy(model, params, ds.x_test, ds.y_test)),
             "epsilon": accounting.epsilon(
-                config.noise_multiplier if is_dp else 0.0, config.batch_size / n, steps,
-                config.delta,
+              config.noise_multiplier if is_dp else 0.0,
+              config.batch_size / n,
+              steps,
+              config.delta,
             ),
-        })
-      title = "vanilla SGD" if defense == "vanilla" else (
-          f"DP-SGD (C={config.clip_norm:g}, sigma={config.noise_multiplier:g})"
+          }
+        )
+      title = (
+        "vanilla SGD"
+        if defense == "vanilla"
+        else (f"DP-SGD (C={config.clip_norm:g}, sigma={config.noise_multiplier:g})")
       )
       params0 = jax.tree.map(lambda p: p[0], params_S)
       acc0 = rows[-config.seeds]["test_acc"]
@@ -171,10 +183,17 @@ def run(config: Config) -> dict:
 def main(argv):
   del argv
   fl = flags.FLAGS
-  run(common.config_from_flags(PRESETS, {
-      "epochs": fl.epochs, "learning_rate": fl.learning_rate,
-      "clip_norm": fl.clip_norm, "noise_multiplier": fl.noise_multiplier,
-  }))
+  run(
+    common.config_from_flags(
+      PRESETS,
+      {
+        "epochs": fl.epochs,
+        "learning_rate": fl.learning_rate,
+        "clip_norm": fl.clip_norm,
+        "noise_multiplier": fl.noise_multiplier,
+      },
+    )
+  )
 
 
 if __name__ == "__main__":

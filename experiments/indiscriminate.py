@@ -1,4 +1,4 @@
-r"""Indiscriminate poisoning vs gradient shaping (paper §6.2, Fig. 4; §7.1, Fig. 8; App. E, Fig. 11).
+r"""Indiscriminate poisoning vs gradient shaping (§6.2 Fig. 4; §7.1 Fig. 8; App. E Fig. 11).
 
 Softmax regression on FashionMNIST-3/4 (dress vs coat), trained from scratch
 with Adam / DP-Adam (lr 0.01, batch 300, 40 epochs) on the clean set plus
@@ -43,10 +43,18 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app
+from absl import flags
 
 from experiments import common
-from jaxshape import accounting, analysis, data, models, poisons, results, sweep, train
+from jaxshape import accounting
+from jaxshape import analysis
+from jaxshape import data
+from jaxshape import models
+from jaxshape import poisons
+from jaxshape import results
+from jaxshape import sweep
+from jaxshape import train
 
 ATTACKS = ("label_flip", "steinhardt")
 PAPER_RATIOS = (0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.3, 0.4)
@@ -76,26 +84,56 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(
-        seeds=2, epochs=2, poison_ratios=(0.0, 0.2, 0.4), clip_norms=(4.0,),
-        noise_multipliers=(1e-3,), adaptive=True, adaptive_multipliers=(0.1,),
-        max_train=600, steinhardt_iterations=6, max_batch=None,
-    ),
-    "quick": Config(),
-    "paper": Config(
-        poison_ratios=PAPER_RATIOS, noise_multipliers=(1e-1, 1e-2, 1e-3, 1e-5, 1e-6, 1e-7),
-        adaptive=True,
-    ),
+  "smoke": Config(
+    seeds=2,
+    epochs=2,
+    poison_ratios=(0.0, 0.2, 0.4),
+    clip_norms=(4.0,),
+    noise_multipliers=(1e-3,),
+    adaptive=True,
+    adaptive_multipliers=(0.1,),
+    max_train=600,
+    steinhardt_iterations=6,
+    max_batch=None,
+  ),
+  "quick": Config(),
+  "paper": Config(
+    poison_ratios=PAPER_RATIOS,
+    noise_multipliers=(1e-1, 1e-2, 1e-3, 1e-5, 1e-6, 1e-7),
+    adaptive=True,
+  ),
 }
 
 EPOCH_COLUMNS = (
-    "attack", "poison_ratio", "n_poisons", "defense", "clip_norm", "noise_multiplier", "seed",
-    "epoch", "test_acc", "train_acc_clean", "train_acc_poison", "train_loss", "norm_mean",
-    "frac_clipped",
+  "attack",
+  "poison_ratio",
+  "n_poisons",
+  "defense",
+  "clip_norm",
+  "noise_multiplier",
+  "seed",
+  "epoch",
+  "test_acc",
+  "train_acc_clean",
+  "train_acc_poison",
+  "train_loss",
+  "norm_mean",
+  "frac_clipped",
 )
 RESULT_COLUMNS = (
-    "attack", "poison_ratio", "n_poisons", "defense", "clip_norm", "noise_multiplier", "seed",
-    "clean_acc", "acc_best", "acc_final", "rad_best", "rad_final", "epsilon",
+  "attack",
+  "poison_ratio",
+  "n_poisons",
+  "defense",
+  "clip_norm",
+  "noise_multiplier",
+  "seed",
+  "clean_acc",
+  "acc_best",
+  "acc_final",
+  "rad_best",
+  "rad_final",
+  "epsilon",
 )
 
 
@@ -166,8 +204,11 @@ def _build(config: Config, num_classes: int):
 
   def build(defense: str):
     spec = train.TrainSpec(
-        loss_fn, optimizer="adam", defense=defense, batch_size=config.batch_size,
-        epochs=config.epochs,
+      loss_fn,
+      optimizer="adam",
+      defense=defense,
+      batch_size=config.batch_size,
+      epochs=config.epochs,
     )
 
     def program(values, key, shared):
@@ -177,9 +218,9 @@ def _build(config: Config, num_classes: int):
       n = shared["x"].shape[0]
       active_P = (jnp.arange(p) < values["n_poisons"]).astype(jnp.float32)
       fit_data = {
-          "x": jnp.concatenate([shared["x"], px]),
-          "y": jnp.concatenate([shared["y"], py]),
-          "mask": jnp.concatenate([jnp.ones([n]), active_P]),
+        "x": jnp.concatenate([shared["x"], px]),
+        "y": jnp.concatenate([shared["y"], py]),
+        "mask": jnp.concatenate([jnp.ones([n]), active_P]),
       }
       is_poison = jnp.concatenate([jnp.zeros([n]), active_P])
 
@@ -187,13 +228,13 @@ def _build(config: Config, num_classes: int):
         correct = models.predict(model, params, fit_data["x"]) == fit_data["y"]
         clean = 1.0 - is_poison
         return {
-            "test_acc": train.accuracy(model, params, shared["x_test"], shared["y_test"]),
-            "train_acc_clean": jnp.sum(correct * clean) / jnp.sum(clean),
-            "train_acc_poison": jnp.sum(correct * is_poison) / jnp.maximum(jnp.sum(is_poison), 1),
+          "test_acc": train.accuracy(model, params, shared["x_test"], shared["y_test"]),
+          "train_acc_clean": jnp.sum(correct * clean) / jnp.sum(clean),
+          "train_acc_poison": jnp.sum(correct * is_poison) / jnp.maximum(jnp.sum(is_poison), 1),
         }
 
       hparams = train.HParams.create(
-          values["learning_rate"], values["l2_norm_clip"], values["noise_multiplier"]
+        values["learning_rate"], values["l2_norm_clip"], values["noise_multiplier"]
       )
       return train.fit(spec, hparams, key, fit_data, eval_fn=eval_fn).records
 
@@ -206,8 +247,9 @@ def _epsilon(config: Config, defense: str, sigma: float, n_total: int) -> float:
   if defense == "adaptive":
     return math.nan  # data-dependent noise: no DP guarantee (§7.2)
   steps = config.epochs * -(-n_total // config.batch_size)
-  return accounting.epsilon(sigma if defense == "dp" else 0.0, config.batch_size / n_total,
-                            steps, config.delta)
+  return accounting.epsilon(
+    sigma if defense == "dp" else 0.0, config.batch_size / n_total, steps, config.delta
+  )
 
 
 def summarize(epoch_rows: list[dict], config: Config, n_clean: int) -> list[dict]:
@@ -228,7 +270,8 @@ def summarize(epoch_rows: list[dict], config: Config, n_clean: int) -> list[dict
     accs = [r["test_acc"] for r in sorted(rows, key=lambda r: r["epoch"])]
     ref = clean.get((attack, defense, clip, sigma, seed))
     best, final = max(accs), accs[-1]
-    out.append({
+    out.append(
+      {
         **dict(zip(RESULT_COLUMNS[:7], job, strict=True)),
         "clean_acc": ref[0] if ref else math.nan,
         "acc_best": best,
@@ -236,7 +279,8 @@ def summarize(epoch_rows: list[dict], config: Config, n_clean: int) -> list[dict
         "rad_best": (ref[0] - best) / ref[0] if ref else math.nan,
         "rad_final": (ref[1] - final) / ref[1] if ref else math.nan,
         "epsilon": _epsilon(config, defense, sigma, n_clean + int(n_poisons)),
-    })
+      }
+    )
   return out
 
 
@@ -253,16 +297,19 @@ def plot_rad(path: str, rows: list[dict], attacks) -> None:
   for attack in attacks:
     series = {}
     stats = results.mean_std(
-        [r for r in rows if r["attack"] == attack],
-        by=("defense", "clip_norm", "noise_multiplier", "poison_ratio"), value="rad_best",
+      [r for r in rows if r["attack"] == attack],
+      by=("defense", "clip_norm", "noise_multiplier", "poison_ratio"),
+      value="rad_best",
     )
     for s in stats:
       label = _label(s["defense"], s["clip_norm"], s["noise_multiplier"])
       series.setdefault(label, []).append((100 * s["poison_ratio"], s["mean"], s["std"]))
-    panels.append((attack, {k: tuple(map(np.array, zip(*sorted(v), strict=True)))
-                            for k, v in series.items()}))
-  results.panel_plot(path, panels, xlabel="poisons (% of clean training set)",
-                     ylabel="RAD (best epoch)")
+    panels.append(
+      (attack, {k: tuple(map(np.array, zip(*sorted(v), strict=True))) for k, v in series.items()})
+    )
+  results.panel_plot(
+    path, panels, xlabel="poisons (% of clean training set)", ylabel="RAD (best epoch)"
+  )
 
 
 def run(config: Config) -> dict:
@@ -281,38 +328,78 @@ def run(config: Config) -> dict:
       with common.Timer() as craft_timer:
         px_V, py_V, index = craft(config, attack, x, y, ds.num_classes)
       crafted[attack] = (px_V, py_V, index)
-      print(f"{attack}: crafted {px_V.shape[0]} poison variant(s) of up to {px_V.shape[1]} "
-            f"poisons in {craft_timer.seconds:.1f} s")
+      print(
+        f"{attack}: crafted {px_V.shape[0]} poison variant(s) of up to {px_V.shape[1]} "
+        f"poisons in {craft_timer.seconds:.1f} s"
+      )
       jobs = []
       for (ratio, seed), (variant, count) in sorted(index.items()):
         for defense, clip, sigma in grid:
-          values = {"variant": variant, "n_poisons": count, "learning_rate": config.learning_rate,
-                    "l2_norm_clip": clip, "noise_multiplier": sigma}
-          key = {"attack": attack, "poison_ratio": ratio, "defense": defense, "clip_norm": clip,
-                 "noise_multiplier": sigma, "seed": seed}
+          values = {
+            "variant": variant,
+            "n_poisons": count,
+            "learning_rate": config.learning_rate,
+            "l2_norm_clip": clip,
+            "noise_multiplier": sigma,
+          }
+          key = {
+            "attack": attack,
+            "poison_ratio": ratio,
+            "defense": defense,
+            "clip_norm": clip,
+            "noise_multiplier": sigma,
+            "seed": seed,
+          }
           jobs.append(sweep.Job(defense, values, seed, key))
-      shared = {"x": x, "y": y, "x_test": np.asarray(ds.x_test), "y_test": np.asarray(ds.y_test),
-                "px_V": px_V, "py_V": py_V}
+      shared = {
+        "x": x,
+        "y": y,
+        "x_test": np.asarray(ds.x_test),
+        "y_test": np.asarray(ds.y_test),
+        "px_V": px_V,
+        "py_V": py_V,
+      }
 
       def to_rows(job, records, n=x.shape[0]):
         count = int(job.values["n_poisons"])
-        return [{**job.key, "n_poisons": count, "epoch": e + 1,
-                 **{k: float(records[k][e]) for k in EPOCH_COLUMNS[8:]}}
-                for e in range(config.epochs)]
+        return [
+          {
+            **job.key,
+            "n_poisons": count,
+            "epoch": e + 1,
+            **{k: float(records[k][e]) for k in EPOCH_COLUMNS[8:]},
+          }
+          for e in range(config.epochs)
+        ]
 
-      epoch_rows = sweep.run(build, jobs, epochs_csv, to_rows=to_rows, columns=EPOCH_COLUMNS,
-                             max_batch=config.max_batch, progress=config.progress,
-                             desc=f"indiscriminate {attack}", shared=shared)
+      epoch_rows = sweep.run(
+        build,
+        jobs,
+        epochs_csv,
+        to_rows=to_rows,
+        columns=EPOCH_COLUMNS,
+        max_batch=config.max_batch,
+        progress=config.progress,
+        desc=f"indiscriminate {attack}",
+        shared=shared,
+      )
   rows = summarize(epoch_rows, config, x.shape[0])
   rows = [r for r in rows if r["attack"] in config.attacks]
   results.write_csv(os.path.join(out, "results.csv"), rows, RESULT_COLUMNS)
   plot_rad(os.path.join(out, "rad.png"), rows, config.attacks)
   _plot_train_acc(os.path.join(out, "train_acc.png"), epoch_rows, config)
   pca_rows = _pca(out, crafted, x, y, config)
-  table = results.mean_std(rows, by=("attack", "poison_ratio", "defense", "clip_norm",
-                                     "noise_multiplier"), value="rad_best")
-  print(results.format_table(table, ["attack", "poison_ratio", "defense", "clip_norm",
-                                     "noise_multiplier", "mean", "std", "n"]))
+  table = results.mean_std(
+    rows,
+    by=("attack", "poison_ratio", "defense", "clip_norm", "noise_multiplier"),
+    value="rad_best",
+  )
+  print(
+    results.format_table(
+      table,
+      ["attack", "poison_ratio", "defense", "clip_norm", "noise_multiplier", "mean", "std", "n"],
+    )
+  )
   print(f"wall time {timer.seconds:.1f} s (crafting included); results in {out}")
   return {"rows": rows, "epoch_rows": epoch_rows, "pca": pca_rows, "seconds": timer.seconds}
 
@@ -326,16 +413,24 @@ def _plot_train_acc(path, epoch_rows, config):
   for attack in config.attacks:
     series = {}
     for defense, clip, sigma in [("vanilla", math.inf, 0.0), ("dp", config.noise_clip, 0.0)]:
-      rows = [r for r in epoch_rows if r["attack"] == attack and r["poison_ratio"] == ratio
-              and r["defense"] == defense and r["clip_norm"] == clip
-              and r["noise_multiplier"] == sigma]
+      rows = [
+        r
+        for r in epoch_rows
+        if r["attack"] == attack
+        and r["poison_ratio"] == ratio
+        and r["defense"] == defense
+        and r["clip_norm"] == clip
+        and r["noise_multiplier"] == sigma
+      ]
       if not rows:
         continue
       for part in ("clean", "poison"):
         stats = results.mean_std(rows, by=("epoch",), value=f"train_acc_{part}")
         series[f"{_label(defense, clip, sigma)}: {part}"] = (
-            np.array([s["epoch"] for s in stats]), np.array([s["mean"] for s in stats]),
-            np.array([s["std"] for s in stats]))
+          np.array([s["epoch"] for s in stats]),
+          np.array([s["mean"] for s in stats]),
+          np.array([s["std"] for s in stats]),
+        )
     panels.append((f"{attack} at {100 * ratio:g}%", series))
   results.panel_plot(path, panels, xlabel="epoch", ylabel="training accuracy")
 
@@ -359,11 +454,15 @@ def main(argv):
   del argv
   fl = flags.FLAGS
   overrides = {
-      "attacks": tuple(fl.attacks or ()), "poison_ratios": tuple(map(float, fl.poison_ratios or ())),
-      "clip_norms": tuple(map(float, fl.clip_norms or ())),
-      "noise_multipliers": tuple(map(float, fl.noise_multipliers or ())),
-      "noise_clip": fl.noise_clip, "adaptive": fl.adaptive, "epochs": fl.epochs,
-      "dataset": fl.dataset, "max_batch": fl.max_batch,
+    "attacks": tuple(fl.attacks or ()),
+    "poison_ratios": tuple(map(float, fl.poison_ratios or ())),
+    "clip_norms": tuple(map(float, fl.clip_norms or ())),
+    "noise_multipliers": tuple(map(float, fl.noise_multipliers or ())),
+    "noise_clip": fl.noise_clip,
+    "adaptive": fl.adaptive,
+    "epochs": fl.epochs,
+    "dataset": fl.dataset,
+    "max_batch": fl.max_batch,
   }
   run(common.config_from_flags(PRESETS, overrides))
 

@@ -17,12 +17,12 @@ import math
 
 
 def epsilon(
-    noise_multiplier: float,
-    sample_rate: float,
-    steps: int,
-    delta: float = 1e-5,
-    *,
-    method: str = "rdp",
+  noise_multiplier: float,
+  sample_rate: float,
+  steps: int,
+  delta: float = 1e-5,
+  *,
+  method: str = "rdp",
 ) -> float:
   """Epsilon after `steps` Poisson-subsampled Gaussian steps at `delta`.
 
@@ -59,10 +59,10 @@ def epsilon(
   import dp_accounting  # imported here: it takes seconds and most users never call this
 
   event = dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(
-          float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))
-      ),
-      int(steps),
+    dp_accounting.PoissonSampledDpEvent(
+      float(sample_rate), dp_accounting.GaussianDpEvent(float(noise_multiplier))
+    ),
+    int(steps),
   )
   if method == "rdp":
     accountant = dp_accounting.rdp.RdpAccountant()

@@ -50,10 +50,10 @@ def subset_mean_grads(loss_fn, params: Params, batch: dict) -> dict[str, Params]
 
   grad_fn = jax.grad(subset_loss)
   return {
-      "clean": grad_fn(params, clean_B),
-      "poison": grad_fn(params, poison_B),
-      "n_clean": jnp.sum(clean_B),
-      "n_poison": jnp.sum(poison_B),
+    "clean": grad_fn(params, clean_B),
+    "poison": grad_fn(params, poison_B),
+    "n_clean": jnp.sum(clean_B),
+    "n_poison": jnp.sum(poison_B),
   }
 
 
@@ -81,12 +81,14 @@ def artifacts(mean_grads: dict[str, Params]) -> dict[str, jax.Array]:
   ratio_all, cos_all = ratio_and_cosine(clean, poison)
   ratio_last, cos_last = ratio_and_cosine(last_layer_kernel(clean), last_layer_kernel(poison))
   return {
-      "ratio_all": ratio_all, "cosine_all": cos_all,
-      "ratio_last": ratio_last, "cosine_last": cos_last,
-      "clean_norm_all": jnp.linalg.norm(_flat(clean)),
-      "poison_norm_all": jnp.linalg.norm(_flat(poison)),
-      "clean_norm_last": jnp.linalg.norm(_flat(last_layer_kernel(clean))),
-      "poison_norm_last": jnp.linalg.norm(_flat(last_layer_kernel(poison))),
+    "ratio_all": ratio_all,
+    "cosine_all": cos_all,
+    "ratio_last": ratio_last,
+    "cosine_last": cos_last,
+    "clean_norm_all": jnp.linalg.norm(_flat(clean)),
+    "poison_norm_all": jnp.linalg.norm(_flat(poison)),
+    "clean_norm_last": jnp.linalg.norm(_flat(last_layer_kernel(clean))),
+    "poison_norm_last": jnp.linalg.norm(_flat(last_layer_kernel(poison))),
   }
 
 
@@ -148,8 +150,9 @@ def plot_poison_pca(path: str, x_ND, y_N, poison_sets: dict, *, key: jax.Array, 
   mean_D, comps_2D = np.asarray(mean_D), np.asarray(comps_2D)
   proj = lambda a: (np.asarray(a).reshape(len(a), -1) - mean_D) @ comps_2D.T
   z_clean = proj(x_ND)
-  fig, axes = plt.subplots(1, len(poison_sets), figsize=(5.5 * len(poison_sets), 4.8),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    1, len(poison_sets), figsize=(5.5 * len(poison_sets), 4.8), squeeze=False
+  )
   rows = []
   for ax, (attack, (px, py)) in zip(axes[0], poison_sets.items(), strict=True):
     z_p = proj(px)
@@ -161,14 +164,21 @@ def plot_poison_pca(path: str, x_ND, y_N, poison_sets: dict, *, key: jax.Array, 
       ax.scatter(z_clean[sel, 0], z_clean[sel, 1], s=3, alpha=0.25, label=f"clean class {label}")
     for label in np.unique(py):
       sel = np.asarray(py) == label
-      ax.scatter(z_p[sel, 0], z_p[sel, 1], s=40, marker="x",
-                 label=f"poisons labelled {label} ({sel.sum()})")
+      ax.scatter(
+        z_p[sel, 0], z_p[sel, 1], s=40, marker="x", label=f"poisons labelled {label} ({sel.sum()})"
+      )
     ax.set_title(f"{attack}: {len(px)} poisons, {count_distinct(px)} distinct")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7, loc="best")
-    rows.append({"attack": attack, "n_poisons": len(px), "n_distinct": count_distinct(px),
-                 "kmeans_sizes": "/".join(str(int(s)) for s in sorted(sizes, reverse=True))})
+    rows.append(
+      {
+        "attack": attack,
+        "n_poisons": len(px),
+        "n_distinct": count_distinct(px),
+        "kmeans_sizes": "/".join(str(int(s)) for s in sorted(sizes, reverse=True)),
+      }
+    )
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110)

@@ -92,7 +92,7 @@ class CNN(nn.Module):
 
   def setup(self):
     conv = lambda f, name: nn.Conv(
-        f, (3, 3), padding=self.padding, kernel_init=glorot_uniform, name=name
+      f, (3, 3), padding=self.padding, kernel_init=glorot_uniform, name=name
     )
     self.conv_0 = conv(16, "conv_0")
     self.conv_1 = conv(32, "conv_1")

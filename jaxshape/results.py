@@ -25,8 +25,11 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import IO
+from typing import Any
 
 import numpy as np
 
@@ -445,14 +448,14 @@ def save_figure(fig: Any, path: PathLike, *, dpi: int = 150) -> None:
 
 
 def panel_plot(
-    path: PathLike,
-    panels: Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float], Any]]]],
-    xlabel: str,
-    ylabel: str,
-    *,
-    logx: bool = False,
-    ylim: tuple[float, float] | None = None,
-    dpi: int = 130,
+  path: PathLike,
+  panels: Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float], Any]]]],
+  xlabel: str,
+  ylabel: str,
+  *,
+  logx: bool = False,
+  ylim: tuple[float, float] | None = None,
+  dpi: int = 130,
 ) -> None:
   """Side-by-side line plots sharing axes labels, one per (title, series) panel.
 

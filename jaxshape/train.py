@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,7 @@ class StepMetrics(NamedTuple):
 
 
 def make_optimizer(
-    spec: TrainSpec, hparams: HParams, key: jax.Array, steps_per_epoch: int
+  spec: TrainSpec, hparams: HParams, key: jax.Array, steps_per_epoch: int
 ) -> optax.GradientTransformation:
   """The optax chain for `spec.defense` with traced `hparams` (see `TrainSpec`)."""
   if spec.optimizer == "sgd":
@@ -136,12 +137,12 @@ def init_state(spec, hparams, params, key, steps_per_epoch) -> TrainState:
 
 
 def train_step(
-    spec: TrainSpec,
-    hparams: HParams,
-    state: TrainState,
-    batch: Data,
-    key: jax.Array,
-    steps_per_epoch: int,
+  spec: TrainSpec,
+  hparams: HParams,
+  state: TrainState,
+  batch: Data,
+  key: jax.Array,
+  steps_per_epoch: int,
 ) -> tuple[TrainState, StepMetrics]:
   """One update on `batch` (a dict with x, y and a float `mask`). Pure; jit it.
 
@@ -157,7 +158,7 @@ def train_step(
   else:
     loss = spec.loss_fn(state.params, batch)
     clipped = grads_lib.clipped_sum_and_norms(
-        spec.loss_fn, state.params, batch, hparams.l2_norm_clip
+      spec.loss_fn, state.params, batch, hparams.l2_norm_clip
     )
     if spec.defense == "vanilla":
       real = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
@@ -207,13 +208,13 @@ def _weighted_mean(tree_S, weight_S):
 
 
 def train_epoch(
-    spec: TrainSpec,
-    hparams: HParams,
-    state: TrainState,
-    data: Data,
-    key: jax.Array,
-    noise_key: jax.Array,
-    batch_metrics_fn: Callable[[Params, Data], Any] | None = None,
+  spec: TrainSpec,
+  hparams: HParams,
+  state: TrainState,
+  data: Data,
+  key: jax.Array,
+  noise_key: jax.Array,
+  batch_metrics_fn: Callable[[Params, Data], Any] | None = None,
 ):
   """One shuffled pass over `data` as a `lax.scan`.
 
@@ -260,14 +261,14 @@ class FitResult(NamedTuple):
 
 
 def fit(
-    spec: TrainSpec,
-    hparams: HParams,
-    key: jax.Array,
-    data: Data,
-    *,
-    init_params: Params | None = None,
-    eval_fn: Callable[[Params], dict[str, jax.Array]] | None = None,
-    batch_metrics_fn: Callable[[Params, Data], Any] | None = None,
+  spec: TrainSpec,
+  hparams: HParams,
+  key: jax.Array,
+  data: Data,
+  *,
+  init_params: Params | None = None,
+  eval_fn: Callable[[Params], dict[str, jax.Array]] | None = None,
+  batch_metrics_fn: Callable[[Params, Data], Any] | None = None,
 ) -> FitResult:
   """Trains from scratch (or fine-tunes `init_params`) for `spec.epochs` epochs.
 
@@ -300,15 +301,15 @@ def fit(
 
   def epoch(state, epoch_key):
     state, metrics, extra = train_epoch(
-        spec, hparams, state, data, epoch_key, key_noise, batch_metrics_fn
+      spec, hparams, state, data, epoch_key, key_noise, batch_metrics_fn
     )
     record = {
-        "train_loss": metrics.loss,
-        "norm_mean": metrics.norm_mean,
-        "norm_max": metrics.norm_max,
-        "frac_clipped": metrics.frac_clipped,
-        "num_nonfinite": metrics.num_nonfinite,
-        "step": state.step,
+      "train_loss": metrics.loss,
+      "norm_mean": metrics.norm_mean,
+      "norm_max": metrics.norm_max,
+      "frac_clipped": metrics.frac_clipped,
+      "num_nonfinite": metrics.num_nonfinite,
+      "step": state.step,
     }
     if eval_fn is not None:
       record.update(eval_fn(state.params))
@@ -323,7 +324,7 @@ def fit(
 def accuracy(model, params: Params, x_N: jax.Array, y_N: jax.Array, chunk: int = 1000):
   """Fraction of `x_N` classified as `y_N`, evaluated in chunks of `chunk`."""
   correct_N = _map_chunks(
-      lambda x_B, y_B: models_lib.predict(model, params, x_B) == y_B, (x_N, y_N), chunk
+    lambda x_B, y_B: models_lib.predict(model, params, x_B) == y_B, (x_N, y_N), chunk
   )
   return jnp.mean(correct_N.astype(jnp.float32))
 

@@ -22,7 +22,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +162,8 @@ def _add_noise(total, std, key):
   leaves, treedef = jax.tree.flatten(total)
   keys = jax.random.split(key, len(leaves))
   noisy = [
-      g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
-      for g, k in zip(leaves, keys, strict=True)
+    g + (std * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
+    for g, k in zip(leaves, keys, strict=True)
   ]
   return jax.tree.unflatten(treedef, noisy)
 
@@ -176,7 +177,7 @@ class AddGaussianNoiseState(NamedTuple):
 
 
 def add_gaussian_noise(
-    noise_multiplier: ArrayLike, l2_norm_clip: ArrayLike, key: jax.Array
+  noise_multiplier: ArrayLike, l2_norm_clip: ArrayLike, key: jax.Array
 ) -> optax.GradientTransformation:
   """Sums per-example gradients, adds N(0, (sigma C)^2 I), divides by B.
 
@@ -204,7 +205,7 @@ def add_gaussian_noise(
   def init_fn(params):
     del params
     return AddGaussianNoiseState(
-        jnp.zeros([], jnp.int32), _raw_key(jnp.asarray(key)), jnp.zeros([], jnp.int32)
+      jnp.zeros([], jnp.int32), _raw_key(jnp.asarray(key)), jnp.zeros([], jnp.int32)
     )
 
   def update_fn(updates, state, params=None):
@@ -232,7 +233,7 @@ class AddAdaptiveNoiseState(NamedTuple):
 
 
 def add_adaptive_noise(
-    noise_multiplier: ArrayLike, steps_per_epoch: ArrayLike, key: jax.Array
+  noise_multiplier: ArrayLike, steps_per_epoch: ArrayLike, key: jax.Array
 ) -> optax.GradientTransformation:
   """Gaussian noise scaled to the gradients' own size: std = sigma x (mean norm).
 
@@ -262,13 +263,13 @@ def add_adaptive_noise(
     del params
     zero = jnp.zeros([], jnp.float32)
     return AddAdaptiveNoiseState(
-        jnp.zeros([], jnp.int32),
-        _raw_key(jnp.asarray(key)),
-        zero,
-        zero,
-        zero,
-        zero,
-        jnp.zeros([], jnp.int32),
+      jnp.zeros([], jnp.int32),
+      _raw_key(jnp.asarray(key)),
+      zero,
+      zero,
+      zero,
+      zero,
+      jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -290,13 +291,13 @@ def add_adaptive_noise(
     denom = _batch_size(updates)
     out = jax.tree.map(lambda g: g / denom.astype(g.dtype), noisy)
     new_state = AddAdaptiveNoiseState(
-        state.count + 1,
-        state.key,
-        norm_sum,
-        norm_count,
-        prev_mean,
-        std,
-        state.num_nonfinite + nonfinite,
+      state.count + 1,
+      state.key,
+      norm_sum,
+      norm_count,
+      prev_mean,
+      std,
+      state.num_nonfinite + nonfinite,
     )
     return out, new_state
 
@@ -307,11 +308,11 @@ def add_adaptive_noise(
 
 
 def dp_sgd(
-    learning_rate: ArrayLike,
-    l2_norm_clip: ArrayLike,
-    noise_multiplier: ArrayLike,
-    key: jax.Array,
-    momentum: ArrayLike | None = None,
+  learning_rate: ArrayLike,
+  l2_norm_clip: ArrayLike,
+  noise_multiplier: ArrayLike,
+  key: jax.Array,
+  momentum: ArrayLike | None = None,
 ) -> optax.GradientTransformation:
   """DP-SGD: clip each example to C, sum, add N(0, (sigma C)^2), divide by B, SGD.
 
@@ -328,17 +329,17 @@ def dp_sgd(
   """
   _check("learning_rate", learning_rate, lambda lr: lr >= 0, ">= 0")
   return optax.chain(
-      clip_per_example(l2_norm_clip),
-      add_gaussian_noise(noise_multiplier, l2_norm_clip, key),
-      optax.sgd(learning_rate, momentum=momentum),
+    clip_per_example(l2_norm_clip),
+    add_gaussian_noise(noise_multiplier, l2_norm_clip, key),
+    optax.sgd(learning_rate, momentum=momentum),
   )
 
 
 def dp_adam(
-    learning_rate: ArrayLike,
-    l2_norm_clip: ArrayLike,
-    noise_multiplier: ArrayLike,
-    key: jax.Array,
+  learning_rate: ArrayLike,
+  l2_norm_clip: ArrayLike,
+  noise_multiplier: ArrayLike,
+  key: jax.Array,
 ) -> optax.GradientTransformation:
   """DP-Adam: the DP-SGD aggregation followed by Adam (the paper's LR optimizer, §6.2).
 
@@ -349,7 +350,7 @@ def dp_adam(
   """
   _check("learning_rate", learning_rate, lambda lr: lr >= 0, ">= 0")
   return optax.chain(
-      clip_per_example(l2_norm_clip),
-      add_gaussian_noise(noise_multiplier, l2_norm_clip, key),
-      optax.adam(learning_rate),
+    clip_per_example(l2_norm_clip),
+    add_gaussian_noise(noise_multiplier, l2_norm_clip, key),
+    optax.adam(learning_rate),
   )

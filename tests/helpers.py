@@ -16,5 +16,3 @@ def run(fn, *args, jit: bool):
     return jax.jit(fn)(*args)
   with jax.disable_jit():
     return fn(*args)
-
-

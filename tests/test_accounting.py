@@ -30,14 +30,14 @@ def test_zero_noise_is_infinite_and_zero_steps_is_zero():
 
 
 @pytest.mark.parametrize(
-    "args,name",
-    [
-        ((-1.0, 0.1, 10), "noise_multiplier"),
-        ((1.0, 0.0, 10), "sample_rate"),
-        ((1.0, 1.5, 10), "sample_rate"),
-        ((1.0, 0.1, -1), "steps"),
-        ((1.0, 0.1, 10, 0.0), "delta"),
-    ],
+  "args,name",
+  [
+    ((-1.0, 0.1, 10), "noise_multiplier"),
+    ((1.0, 0.0, 10), "sample_rate"),
+    ((1.0, 1.5, 10), "sample_rate"),
+    ((1.0, 0.1, -1), "steps"),
+    ((1.0, 0.1, 10, 0.0), "delta"),
+  ],
 )
 def test_invalid_arguments(args, name):
   with pytest.raises(ValueError, match=name):

@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape import analysis, grads, models
+from jaxshape import analysis
+from jaxshape import grads
+from jaxshape import models
 
 
 def test_subset_mean_grads_equal_mean_of_per_example_grads():

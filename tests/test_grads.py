@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxshape import grads, models
+from jaxshape import grads
+from jaxshape import models
 from tests.helpers import run
 
 CASES = {
-    "lr": (models.LR(num_classes=3), (6, 6, 1)),
-    "mlp": (models.MLP(num_classes=4, hidden=(16,)), (6, 6, 1)),
-    "cnn": (models.CNN(num_classes=3, hidden=8), (8, 8, 2)),
+  "lr": (models.LR(num_classes=3), (6, 6, 1)),
+  "mlp": (models.MLP(num_classes=4, hidden=(16,)), (6, 6, 1)),
+  "cnn": (models.CNN(num_classes=3, hidden=8), (8, 8, 2)),
 }
 
 
@@ -41,7 +42,7 @@ def test_per_example_grads_match_loop(name, jit):
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
   norms = run(grads.per_example_norms, got, jit=jit)
   want_norms = [
-      np.sqrt(sum(np.sum(np.square(g[i])) for g in jax.tree.leaves(want))) for i in range(5)
+    np.sqrt(sum(np.sum(np.square(g[i])) for g in jax.tree.leaves(want))) for i in range(5)
   ]
   np.testing.assert_allclose(norms, want_norms, rtol=1e-5)
 

@@ -9,15 +9,15 @@ from jaxshape import models
 
 
 @pytest.mark.parametrize(
-    "name,shape,kwargs,n_features",
-    [
-        ("lr", (28, 28, 1), {}, 784),
-        ("mlp", (28, 28, 1), {}, 256),
-        ("mlp", (28, 28, 1), {"hidden": (256, 256)}, 256),
-        ("cnn", (28, 28, 1), {}, 64),
-        ("cnn", (32, 32, 3), {}, 64),
-        ("cnn", (28, 28, 1), {"padding": "SAME", "hidden": 256}, 256),
-    ],
+  "name,shape,kwargs,n_features",
+  [
+    ("lr", (28, 28, 1), {}, 784),
+    ("mlp", (28, 28, 1), {}, 256),
+    ("mlp", (28, 28, 1), {"hidden": (256, 256)}, 256),
+    ("cnn", (28, 28, 1), {}, 64),
+    ("cnn", (32, 32, 3), {}, 64),
+    ("cnn", (28, 28, 1), {"padding": "SAME", "hidden": 256}, 256),
+  ],
 )
 def test_shapes(name, shape, kwargs, n_features):
   model = models.make_model(name, 10, **kwargs)

@@ -194,9 +194,10 @@ def test_write_json_converts_numpy(tmp_path):
 def test_panel_plot_writes_png(tmp_path):
   path = tmp_path / "panels.png"
   results.panel_plot(
-      path,
-      [("a", {"s": ([1, 2], [0.1, 0.2], [0.01, 0.02])}), ("b", {"t": ([1, 2], [0.3, 0.1], None)})],
-      "x", "y",
+    path,
+    [("a", {"s": ([1, 2], [0.1, 0.2], [0.01, 0.02])}), ("b", {"t": ([1, 2], [0.3, 0.1], None)})],
+    "x",
+    "y",
   )
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not [p for p in os.listdir(tmp_path) if p != "panels.png"]

@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxshape import models, results, sweep, train
+from jaxshape import models
+from jaxshape import results
+from jaxshape import sweep
+from jaxshape import train
 
 N, D = 64, 3
 LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)

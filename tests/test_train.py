@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxshape import models, train
+from jaxshape import models
+from jaxshape import train
 
 N = 70  # not a multiple of the batch size: the last batch is partial
 
@@ -36,7 +37,9 @@ def test_epoch_visits_every_example_once(data):
 def test_partial_batch_is_trained_on(data):
   spec = _spec(epochs=1)
   seen = lambda params, batch: jnp.sum(batch["mask"])
-  result = train.fit(spec, train.HParams.create(0.1), jax.random.key(0), data, batch_metrics_fn=seen)
+  result = train.fit(
+    spec, train.HParams.create(0.1), jax.random.key(0), data, batch_metrics_fn=seen
+  )
   # Mean over 5 batches of the number of real examples per batch = N / 5.
   np.testing.assert_allclose(result.records["batch_metrics"][0], N / 5)
 
@@ -45,7 +48,7 @@ def test_fit_learns_and_records(data):
   spec = _spec(epochs=20)
   ev = train.evaluator(spec.model, data["x"], data["y"])
   result = jax.jit(functools.partial(train.fit, spec, eval_fn=ev))(
-      train.HParams.create(0.5), jax.random.key(0), data
+    train.HParams.create(0.5), jax.random.key(0), data
   )
   for name in ("train_loss", "norm_mean", "frac_clipped", "test_acc", "num_nonfinite"):
     assert result.records[name].shape == (20,)
@@ -67,7 +70,7 @@ def test_dp_without_noise_and_huge_clip_equals_vanilla(data):
 def test_vmapped_grid_equals_separate_runs(data, defense):
   spec = _spec(defense, optimizer="adam")
   hp = train.HParams.create(
-      jnp.full(4, 0.05), jnp.array([0.1, 1.0, 0.5, 4.0]), jnp.array([0.0, 0.5, 1.0, 0.1])
+    jnp.full(4, 0.05), jnp.array([0.1, 1.0, 0.5, 4.0]), jnp.array([0.0, 0.5, 1.0, 0.1])
   )
   keys = jax.random.split(jax.random.key(2), 4)
   fit = functools.partial(train.fit, spec)
@@ -75,7 +78,7 @@ def test_vmapped_grid_equals_separate_runs(data, defense):
   for i in range(4):
     one = jax.jit(fit)(jax.tree.map(lambda a, i=i: a[i], hp), keys[i], data)
     chex.assert_trees_all_close(
-        jax.tree.map(lambda a, i=i: a[i], grid.params), one.params, rtol=1e-4, atol=1e-6
+      jax.tree.map(lambda a, i=i: a[i], grid.params), one.params, rtol=1e-4, atol=1e-6
     )
 
 
@@ -97,7 +100,9 @@ def test_fine_tune_starts_from_given_params(data):
 def test_nan_example_does_not_reach_dp_update(data):
   bad = dict(data)
   bad["x"] = data["x"].at[3, 0].set(jnp.nan)
-  result = train.fit(_spec("dp", epochs=2), train.HParams.create(0.1, 1.0, 0.1), jax.random.key(0), bad)
+  result = train.fit(
+    _spec("dp", epochs=2), train.HParams.create(0.1, 1.0, 0.1), jax.random.key(0), bad
+  )
   chex.assert_tree_all_finite(result.params)
   np.testing.assert_array_equal(result.records["num_nonfinite"], [1, 1])
 
@@ -111,8 +116,12 @@ def test_accuracy_in_chunks_equals_whole(data):
 
 
 @pytest.mark.parametrize(
-    "kw,name",
-    [({"defense": "magic"}, "defense"), ({"optimizer": "rmsprop"}, "optimizer"), ({"batch_size": 0}, "batch_size")],
+  "kw,name",
+  [
+    ({"defense": "magic"}, "defense"),
+    ({"optimizer": "rmsprop"}, "optimizer"),
+    ({"batch_size": 0}, "batch_size"),
+  ],
 )
 def test_bad_spec(kw, name):
   with pytest.raises(ValueError, match=name):

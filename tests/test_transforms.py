@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxshape import grads, transforms
+from jaxshape import grads
+from jaxshape import transforms
 from tests.helpers import run
 
 B = 8
@@ -18,8 +19,8 @@ JIT = pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 def _per_example(key=0, scale=3.0):
   kw, kb = jax.random.split(jax.random.key(key))
   return {
-      "w": scale * jax.random.normal(kw, (B, 4, 3)),
-      "b": scale * jax.random.normal(kb, (B, 3)),
+    "w": scale * jax.random.normal(kw, (B, 4, 3)),
+    "b": scale * jax.random.normal(kb, (B, 3)),
   }
 
 
@@ -37,7 +38,9 @@ def test_clip_bounds_norms_and_keeps_directions(clip, jit):
   norms_out = grads.per_example_norms(out)
   assert np.all(norms_out <= clip * (1 + 1e-6))
   within = norms_in <= clip
-  np.testing.assert_allclose(np.where(within, norms_out, 0), np.where(within, norms_in, 0), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.where(within, norms_out, 0), np.where(within, norms_in, 0), rtol=1e-6
+  )
   for leaf_in, leaf_out in zip(jax.tree.leaves(g), jax.tree.leaves(out), strict=True):
     flat_in = leaf_in.reshape(B, -1)
     flat_out = leaf_out.reshape(B, -1)
@@ -59,8 +62,8 @@ def test_clip_leaves_small_gradients_unchanged_exactly():
 def test_noise_zero_sigma_is_the_mean_of_clipped(jit):
   g = _per_example()
   tx = optax.chain(
-      transforms.clip_per_example(1.0),
-      transforms.add_gaussian_noise(0.0, 1.0, jax.random.key(1)),
+    transforms.clip_per_example(1.0),
+    transforms.add_gaussian_noise(0.0, 1.0, jax.random.key(1)),
   )
   out, _ = run(lambda g: _update(tx, g), g, jit=jit)
   clipped, _ = _update(transforms.clip_per_example(1.0), g)
@@ -124,8 +127,8 @@ def test_dp_sgd_without_noise_and_huge_clip_is_sgd(jit):
 def test_dp_sgd_momentum_and_dp_adam_run():
   g = _per_example()
   for tx in (
-      transforms.dp_sgd(0.1, 1.0, 0.5, jax.random.key(0), momentum=0.9),
-      transforms.dp_adam(0.01, 1.0, 0.5, jax.random.key(0)),
+    transforms.dp_sgd(0.1, 1.0, 0.5, jax.random.key(0), momentum=0.9),
+    transforms.dp_adam(0.01, 1.0, 0.5, jax.random.key(0)),
   ):
     out, _ = _update(tx, g)
     chex.assert_trees_all_equal_shapes(out, PARAMS)
@@ -143,7 +146,7 @@ def test_vmap_over_clip_norms_equals_separate_runs(jit):
   batched = run(jax.vmap(one), clips, jit=jit)
   for i, clip in enumerate(clips):
     chex.assert_trees_all_close(
-        jax.tree.map(lambda x, i=i: x[i], batched), one(clip), rtol=1e-5, atol=1e-7
+      jax.tree.map(lambda x, i=i: x[i], batched), one(clip), rtol=1e-5, atol=1e-7
     )
 
 
@@ -158,17 +161,17 @@ def test_vmap_over_noise_multipliers_equals_separate_runs(jit):
   batched = run(jax.vmap(one), sigmas, jit=jit)
   for i, sigma in enumerate(sigmas):
     chex.assert_trees_all_close(
-        jax.tree.map(lambda x, i=i: x[i], batched), one(sigma), rtol=1e-5, atol=1e-7
+      jax.tree.map(lambda x, i=i: x[i], batched), one(sigma), rtol=1e-5, atol=1e-7
     )
 
 
 @pytest.mark.parametrize(
-    "factory,kwargs",
-    [
-        (transforms.dp_sgd, dict(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=0.5)),
-        (transforms.dp_adam, dict(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=0.5)),
-        (transforms.add_adaptive_noise, dict(noise_multiplier=0.5, steps_per_epoch=3)),
-    ],
+  "factory,kwargs",
+  [
+    (transforms.dp_sgd, dict(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=0.5)),
+    (transforms.dp_adam, dict(learning_rate=0.1, l2_norm_clip=1.0, noise_multiplier=0.5)),
+    (transforms.add_adaptive_noise, dict(noise_multiplier=0.5, steps_per_epoch=3)),
+  ],
 )
 def test_works_under_inject_hyperparams(factory, kwargs):
   g = _per_example()
@@ -250,19 +253,19 @@ def test_transforms_accept_a_clipped_sum():
 
 
 @pytest.mark.parametrize(
-    "make,arg",
-    [
-        (lambda: transforms.clip_per_example(0.0), "l2_norm_clip"),
-        (lambda: transforms.clip_per_example(-1.0), "l2_norm_clip"),
-        (lambda: transforms.add_gaussian_noise(-0.1, 1.0, jax.random.key(0)), "noise_multiplier"),
-        (lambda: transforms.add_gaussian_noise(1.0, 0.0, jax.random.key(0)), "l2_norm_clip"),
-        (lambda: transforms.add_gaussian_noise(1.0, 1.0, None), "key"),
-        (lambda: transforms.add_adaptive_noise(1.0, 0, jax.random.key(0)), "steps_per_epoch"),
-        (lambda: transforms.add_adaptive_noise(-1.0, 3, jax.random.key(0)), "noise_multiplier"),
-        (lambda: transforms.dp_sgd(0.1, -2.0, 1.0, jax.random.key(0)), "l2_norm_clip"),
-        (lambda: transforms.dp_adam(0.1, 1.0, float("nan"), jax.random.key(0)), "noise_multiplier"),
-        (lambda: transforms.dp_sgd(0.1, 1.0, 1.0, None), "key"),
-    ],
+  "make,arg",
+  [
+    (lambda: transforms.clip_per_example(0.0), "l2_norm_clip"),
+    (lambda: transforms.clip_per_example(-1.0), "l2_norm_clip"),
+    (lambda: transforms.add_gaussian_noise(-0.1, 1.0, jax.random.key(0)), "noise_multiplier"),
+    (lambda: transforms.add_gaussian_noise(1.0, 0.0, jax.random.key(0)), "l2_norm_clip"),
+    (lambda: transforms.add_gaussian_noise(1.0, 1.0, None), "key"),
+    (lambda: transforms.add_adaptive_noise(1.0, 0, jax.random.key(0)), "steps_per_epoch"),
+    (lambda: transforms.add_adaptive_noise(-1.0, 3, jax.random.key(0)), "noise_multiplier"),
+    (lambda: transforms.dp_sgd(0.1, -2.0, 1.0, jax.random.key(0)), "l2_norm_clip"),
+    (lambda: transforms.dp_adam(0.1, 1.0, float("nan"), jax.random.key(0)), "noise_multiplier"),
+    (lambda: transforms.dp_sgd(0.1, 1.0, 1.0, None), "key"),
+  ],
 )
 def test_invalid_arguments_raise(make, arg):
   with pytest.raises(ValueError, match=arg):

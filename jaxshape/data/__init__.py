@@ -7,8 +7,11 @@ Example:
   ((700, 2), (300, 2))
 """
 
-from jaxshape.data.dataset import DataFormatError, DataNotFoundError, Dataset
-from jaxshape.data.registry import DATASETS, load
+from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.dataset import DataNotFoundError
+from jaxshape.data.dataset import Dataset
+from jaxshape.data.registry import DATASETS
+from jaxshape.data.registry import load
 from jaxshape.data.two_moons import make_two_moons
 
 __all__ = [

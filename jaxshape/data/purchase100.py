@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxshape.data.dataset import DataFormatError, check_labels, check_unit_features
+from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.dataset import check_labels
+from jaxshape.data.dataset import check_unit_features
 
 __all__ = [
   "FILE_NAMES",

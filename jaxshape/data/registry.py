@@ -11,8 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxshape.data import cifar10, fashion_mnist, purchase100, sources, two_moons
-from jaxshape.data.dataset import DataNotFoundError, Dataset, to_unit_float
+from jaxshape.data import cifar10
+from jaxshape.data import fashion_mnist
+from jaxshape.data import purchase100
+from jaxshape.data import sources
+from jaxshape.data import two_moons
+from jaxshape.data.dataset import DataNotFoundError
+from jaxshape.data.dataset import Dataset
+from jaxshape.data.dataset import to_unit_float
 
 __all__ = [
   "DATASETS",

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxshape.data import DataFormatError, idx
+from jaxshape.data import DataFormatError
+from jaxshape.data import idx
 from jaxshape.data.sources import SYSTEM_FASHION_MNIST_DIR
 
 

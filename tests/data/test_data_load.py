@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 
 from jaxshape import data
-from jaxshape.data import (
-  DataFormatError,
-  DataNotFoundError,
-  fashion_mnist,
-  make_two_moons,
-  sources,
-)
+from jaxshape.data import DataFormatError
+from jaxshape.data import DataNotFoundError
+from jaxshape.data import fashion_mnist
+from jaxshape.data import make_two_moons
+from jaxshape.data import sources
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from experiments import indiscriminate
-from jaxshape import data, results
+from jaxshape import data
+from jaxshape import results
 
 
 def _fmnist_available():
@@ -19,7 +20,7 @@ def _fmnist_available():
 
 
 pytestmark = pytest.mark.skipif(
-    not _fmnist_available(), reason="FashionMNIST not installed (run `make data`)"
+  not _fmnist_available(), reason="FashionMNIST not installed (run `make data`)"
 )
 
 
@@ -27,9 +28,16 @@ pytestmark = pytest.mark.skipif(
 def smoke(tmp_path_factory):
   out = tmp_path_factory.mktemp("indiscriminate")
   config = dataclasses.replace(
-      indiscriminate.PRESETS["smoke"], out=str(out), progress=False, seeds=2,
-      poison_ratios=(0.0, 0.4), clip_norms=(4.0,), noise_multipliers=(1e-3,),
-      adaptive_multipliers=(0.1,), max_train=300, steinhardt_iterations=3,
+    indiscriminate.PRESETS["smoke"],
+    out=str(out),
+    progress=False,
+    seeds=2,
+    poison_ratios=(0.0, 0.4),
+    clip_norms=(4.0,),
+    noise_multipliers=(1e-3,),
+    adaptive_multipliers=(0.1,),
+    max_train=300,
+    steinhardt_iterations=3,
   )
   return config, indiscriminate.run(config)
 
