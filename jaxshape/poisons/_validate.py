@@ -1,0 +1,141 @@
+"""Argument checks shared by the attacks: raise `ValueError` naming the argument.
+
+Checks run at the public boundary on concrete values only; a traced value
+(under `jit` or `vmap`) passes through unchecked, so the pure cores stay
+usable inside a sweep.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def check_range(
+  name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> None:
+  """Raises ValueError unless every entry of a concrete `value` lies in the interval."""
+  if value is None:
+    raise ValueError(f"{name} is required")
+  if is_traced(value):
+    return
+  array = np.asarray(value, dtype=np.float64)
+  lo_ok = array > lo if lo_open else array >= lo
+  hi_ok = array < hi if hi_open else array <= hi
+  if np.any(np.isnan(array)) or not np.all(lo_ok & hi_ok):
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+  """Raises ValueError unless a concrete `value` is finite and > 0."""
+  check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  check_range(name, value, 0.0, np.inf, hi_open=True)
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+  """Returns `value` as a Python int, or raises ValueError if it is not one in [lo, hi]."""
+  if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  value = int(value)
+  if value < lo or (hi is not None and value > hi):
+    upper = "" if hi is None else f", <= {hi}"
+    raise ValueError(f"{name} must be >= {lo}{upper}, got {value}")
+  return value
+
+
+def check_key(key: Any) -> None:
+  if key is None:
+    raise ValueError("key is required: pass a jax.random.key(...) (no silent default)")
+  if not isinstance(key, jax.Array | np.ndarray):
+    raise ValueError(f"key must be a jax PRNG key array, got {type(key).__name__}")
+
+
+@jax.jit
+def _count_nonfinite(x: jax.Array) -> jax.Array:
+  return jnp.sum(~jnp.isfinite(x))
+
+
+@jax.jit
+def take_rows(tree: Any, idx: jax.Array) -> Any:
+  """`a[idx]` for every array of a pytree, compiled once per shape (no eager dispatch)."""
+  return jax.tree.map(lambda a: a[idx], tree)
+
+
+def check_inputs(name: str, x: Any, *, min_rank: int = 1) -> jax.Array:
+  """Returns `x` as a float32 array; refuses NaN (and infinities) with ValueError."""
+  if x is None:
+    raise ValueError(f"{name} is required")
+  if is_traced(x):
+    return x.astype(jnp.float32)
+  if isinstance(x, jax.Array):
+    array = x if x.dtype == jnp.float32 else jnp.asarray(x, jnp.float32)
+    bad = int(_count_nonfinite(array)) if array.ndim >= min_rank else 0
+  else:
+    host = np.asarray(x, dtype=np.float32)
+    bad = int(np.sum(~np.isfinite(host)))
+    array = jnp.asarray(host)
+  if array.ndim < min_rank:
+    raise ValueError(f"{name} must have rank >= {min_rank}, got shape {array.shape}")
+  if bad:
+    raise ValueError(f"{name} holds {bad} NaN or infinite values; clean the inputs first")
+  return array
+
+
+def check_labels(name: str, y: Any, n: int, num_classes: int | None) -> tuple[jax.Array, int]:
+  """Returns integer labels `[n]` as int32 and the number of classes (inferred if None)."""
+  if y is None:
+    raise ValueError(f"{name} is required")
+  array = np.asarray(y)
+  if array.ndim != 1 or array.shape[0] != n:
+    raise ValueError(f"{name} must have shape [{n}], got {array.shape}")
+  if array.dtype.kind == "f":
+    if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+      raise ValueError(f"{name} must hold whole-number class labels (NaN or fractions found)")
+  elif array.dtype.kind not in "iub":
+    raise ValueError(f"{name} must hold integer class labels, got dtype {array.dtype}")
+  if num_classes is None:
+    num_classes = max(2, int(array.max()) + 1) if array.size else 2
+  num_classes = check_int("num_classes", num_classes, 2)
+  if array.size and (array.min() < 0 or array.max() >= num_classes):
+    raise ValueError(
+      f"{name} has labels in [{array.min()}, {array.max()}], expected [0, {num_classes})"
+    )
+  return jnp.asarray(array, jnp.int32), num_classes
+
+
+def check_class(name: str, value: Any, num_classes: int) -> int:
+  """Returns a class index as int, or raises ValueError if the class does not exist."""
+  if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    raise ValueError(f"{name} must be an integer class index, got {value!r}")
+  if not 0 <= int(value) < num_classes:
+    raise ValueError(f"{name} must be a class in [0, {num_classes}), got {value}")
+  return int(value)
+
+
+def num_from_ratio(ratio: float, n: int) -> int:
+  """round(ratio x n) as Python rounds it (the experiments count poisons the same way)."""
+  return int(round(float(ratio) * n))
+
+
+def check_indices(name: str, idx: Any, n: int) -> jax.Array:
+  """Returns indices as int32, or raises ValueError when one falls outside [0, n)."""
+  array = np.asarray(idx)
+  if array.dtype.kind not in "iu":
+    raise ValueError(f"{name} must hold integer indices, got dtype {array.dtype}")
+  if array.ndim != 1:
+    raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+  if array.size and (array.min() < 0 or array.max() >= n):
+    raise ValueError(f"{name} has indices outside [0, {n})")
+  return jnp.asarray(array, jnp.int32)
