@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ def scale_per_example(grads_B: Params, scale_B: jax.Array) -> Params:
 
 
 def norm_statistics(
-    norms_B: jax.Array, keep_B: jax.Array, l2_norm_clip: jax.typing.ArrayLike
+  norms_B: jax.Array, keep_B: jax.Array, l2_norm_clip: jax.typing.ArrayLike
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(mean, max, fraction above C) of the norms of the kept examples (`keep_B` = 1)."""
   count = jnp.maximum(jnp.sum(keep_B), 1.0)
@@ -116,7 +117,7 @@ def norm_statistics(
 
 
 def clipped_sum_from_grads(
-    grads_B: Params, l2_norm_clip: jax.typing.ArrayLike, mask_B: jax.Array | None = None
+  grads_B: Params, l2_norm_clip: jax.typing.ArrayLike, mask_B: jax.Array | None = None
 ) -> ClippedSum:
   """Clips materialised per-example gradients and sums them (non-finite ones dropped)."""
   norms_B = per_example_norms(grads_B)
@@ -129,28 +130,44 @@ def clipped_sum_from_grads(
 
 
 def clipped_sum_and_norms(
-    loss_fn: LossFn,
-    params: Params,
-    batch: Batch,
-    l2_norm_clip: jax.typing.ArrayLike,
+  loss_fn: LossFn,
+  params: Params,
+  batch: Batch,
+  l2_norm_clip: jax.typing.ArrayLike,
+  *,
+  method: str = "auto",
 ) -> ClippedSum:
   """Sum of per-example gradients clipped to `l2_norm_clip`, with each example's norm.
 
   Examples whose `batch["mask"]` is 0 (padding) or whose gradient is not
   finite are left out of the sum and have mask 0 in the result.
 
+  For a `jaxshape.models.ClassifierLoss` of LR, MLP or CNN, "auto" takes the
+  exact fast path of `jaxshape.fast_grads` (ghost norms and book-keeping, no
+  per-example copies of large weights); any other loss takes `vmap(grad)`.
+
   Args:
     loss_fn: mean loss `loss_fn(params, batch)`.
     params: parameters.
     batch: a pytree of arrays with a leading axis B (a dict; `mask` optional).
     l2_norm_clip: C > 0, may be traced.
+    method: "auto" (fast path when supported, else vmap), "fast" (raise if
+      unsupported) or "vmap" (always the reference path).
 
   Returns:
     A `ClippedSum` (sum, norms before clipping, mask of examples kept, C).
 
   References:
     Hong et al. 2020, Appendix B, Algorithm 1 (clip, then sum).
+    Li et al. 2022, §4 and Bu et al. 2023, §3 (the fast path).
   """
+  if method not in ("auto", "vmap", "fast"):
+    raise ValueError(f"method must be 'auto', 'vmap' or 'fast', got {method!r}")
+  if method != "vmap":
+    from jaxshape import fast_grads  # here, not at the top: fast_grads imports this module
+
+    if method == "fast" or fast_grads.supports(loss_fn, params, batch):
+      return fast_grads.fast_clipped_sum_and_norms(loss_fn, params, batch, l2_norm_clip)
   mask_B = batch.get("mask") if isinstance(batch, dict) else None
   grads_B = per_example_grads(loss_fn, params, batch)
   return clipped_sum_from_grads(grads_B, l2_norm_clip, mask_B)

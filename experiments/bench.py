@@ -1,0 +1,385 @@
+"""Cost of gradient shaping: plain SGD vs DP steps for jaxshape's models (and Opacus).
+
+For each model (`lr` = LR 784->2 on 28x28x1, `mlp` = MLP 784-256-10,
+`cnn_28x28x1`, `cnn_32x32x3`; 10 classes except LR), one float32 batch, in
+one process, it times whole jitted training steps (gradient + optax update):
+
+  sgd       jax.grad of the mean loss through the Flax model + optax.sgd
+  sgd_fast  the same gradient through the passes of the fast DP path
+            (`jaxshape.fast_grads.fast_grad`) + optax.sgd: the honest
+            baseline for the DP overhead, since it shares its formulation
+  dp_vmap   per_example_grads (vmap of grad) -> dp_sgd
+  dp_fast   clipped_sum_and_norms(method="fast") -> dp_sgd
+  clip_fast clipped_sum_and_norms(method="fast") -> mean -> optax.sgd: per-example
+            clipping without noise (gradient shaping's clipping alone), which
+            separates the cost of clipping from that of drawing the noise
+
+and, for the MLP at batch `--memory_batch` (timed over at most 5 rounds),
+the peak memory of each step.
+With `--compare=opacus` (needs the `[compare]` extra: torch and opacus) it
+also times the same models in PyTorch: a plain SGD step (`opacus_sgd`),
+Opacus with per-sample-gradient hooks (`opacus_hooks`) and Opacus ghost
+clipping (`opacus_ghost`), and prints jaxshape's speed-up over each.
+
+Timing: methods of one framework are interleaved round by round (so a change
+in machine load hits all of them alike); in each round a method takes one
+untimed step and then one timed step; the reported time is the median over
+`--repeats` rounds after `--warmup` untimed steps. PyTorch runs with
+OMP_WAIT_POLICY=PASSIVE unless set otherwise: with OpenMP's default spinning
+its steps measured 2.5-12x slower on a loaded 2-core machine. Peak memory of a
+JAX step is the compiled executable's own estimate
+(`jit(...).lower(...).compile().memory_analysis()`): arguments + outputs +
+temporaries - donated (aliased) bytes, i.e. everything the step holds at once.
+The CPU device has no `memory_stats()`, and PyTorch rows leave it empty.
+
+Commands:
+  python -m experiments.bench                        # batch 100, 20 repeats
+  python -m experiments.bench --compare=opacus       # + PyTorch / Opacus
+  python -m experiments.bench --quick                # 3 repeats, for a smoke run
+  python -m experiments.bench --out runs/bench       # also write runs/bench/bench.csv
+
+References:
+  Li et al. 2022, §4 (ghost clipping); Bu et al. 2023, §3 (book-keeping);
+  Yousefpour et al., "Opacus: User-Friendly Differential Privacy Library in
+  PyTorch", 2021; Hong et al. 2020, Appendix C, Table 4 (the models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+
+import jaxshape
+from jaxshape import fast_grads
+from jaxshape import models
+from jaxshape import results
+
+MODELS = ("lr", "mlp", "cnn_28x28x1", "cnn_32x32x3")
+JAX_METHODS = ("sgd", "sgd_fast", "dp_vmap", "dp_fast", "clip_fast")
+TORCH_METHODS = ("opacus_sgd", "opacus_hooks", "opacus_ghost")
+COLUMNS = ("model", "batch", "method", "ms_per_step", "peak_mem_mb")
+LEARNING_RATE = 0.1
+L2_NORM_CLIP = 1.0
+NOISE_MULTIPLIER = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """What `run` times (the flags of `main`)."""
+
+  models: tuple[str, ...] = MODELS
+  batch_size: int = 100
+  repeats: int = 20
+  warmup: int = 3
+  memory_batch: int | None = 1024  # MLP batch for the memory rows (None: skip)
+  compare: str | None = None  # "opacus" to time PyTorch / Opacus too
+  methods: tuple[str, ...] = JAX_METHODS
+  out: str | None = None
+  seed: int = 0
+
+
+QUICK = dict(repeats=3, warmup=1)
+
+
+def _spec(name: str) -> tuple[Any, tuple[int, ...]]:
+  """(Flax model, input shape of one example) for a bench model name."""
+  if name == "lr":
+    return models.LR(num_classes=2), (28, 28, 1)
+  if name == "mlp":
+    return models.MLP(num_classes=10, hidden=(256,)), (784,)
+  if name in ("cnn_28x28x1", "cnn_32x32x3"):
+    side, channels = (28, 1) if name == "cnn_28x28x1" else (32, 3)
+    return models.CNN(num_classes=10), (side, side, channels)
+  raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+def _batch(name: str, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+  model, shape = _spec(name)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch_size, *shape)).astype(np.float32)
+  y = rng.integers(0, model.num_classes, size=batch_size).astype(np.int32)
+  return {"x": x, "y": y}
+
+
+# ------------------------------------------------------------------ JAX steps
+
+
+def _jax_steps(name: str, seed: int) -> tuple[dict[str, Callable], dict[str, Callable], Any]:
+  """({method: step(params, opt_state, batch) -> (params, opt_state)}, {method: init}, params)."""
+  model, shape = _spec(name)
+  loss_fn = models.ClassifierLoss(model)
+  params = models.init_params(model, jax.random.key(seed), shape)
+  sgd = optax.sgd(LEARNING_RATE)
+  dp = jaxshape.dp_sgd(LEARNING_RATE, L2_NORM_CLIP, NOISE_MULTIPLIER, key=jax.random.key(seed + 1))
+
+  def apply(tx, grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def sgd_step(params, opt_state, batch):
+    return apply(sgd, jax.grad(loss_fn)(params, batch), opt_state, params)
+
+  def sgd_fast_step(params, opt_state, batch):
+    return apply(sgd, fast_grads.fast_grad(loss_fn, params, batch), opt_state, params)
+
+  def dp_vmap_step(params, opt_state, batch):
+    grads_B = jaxshape.per_example_grads(loss_fn, params, batch)
+    return apply(dp, grads_B, opt_state, params)
+
+  def dp_fast_step(params, opt_state, batch):
+    clipped = jaxshape.clipped_sum_and_norms(loss_fn, params, batch, L2_NORM_CLIP, method="fast")
+    return apply(dp, clipped, opt_state, params)
+
+  def clip_fast_step(params, opt_state, batch):
+    clipped = jaxshape.clipped_sum_and_norms(loss_fn, params, batch, L2_NORM_CLIP, method="fast")
+    mean = jax.tree.map(lambda g: g / batch["y"].shape[0], clipped.sum)
+    return apply(sgd, mean, opt_state, params)
+
+  steps = {"sgd": sgd_step, "sgd_fast": sgd_fast_step, "dp_vmap": dp_vmap_step}
+  steps.update(dp_fast=dp_fast_step, clip_fast=clip_fast_step)
+  inits = {m: (dp.init if m.startswith("dp") else sgd.init) for m in steps}
+  return steps, inits, params
+
+
+def _peak_mb(compiled) -> float:
+  mem = compiled.memory_analysis()
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  )
+  return total / 2**20
+
+
+def _time_interleaved(runners: dict[str, Callable[[], None]], repeats: int, warmup: int):
+  """{name: median ms} of `runners` taken round-robin, `repeats` rounds after `warmup` calls.
+
+  In each round every runner is called once untimed and then once timed, so
+  a step never pays for the buffers another method just freed (after the
+  vmap path's hundreds of MB, the next step otherwise faults in fresh pages).
+  """
+  for run_once in runners.values():
+    for _ in range(warmup):
+      run_once()
+  times = {name: [] for name in runners}
+  for _ in range(repeats):
+    for name, run_once in runners.items():
+      run_once()
+      start = time.perf_counter()
+      run_once()
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_jax(name: str, batch_size: int, config: BenchConfig) -> list[dict]:
+  """Rows for the JAX methods of one model at one batch size."""
+  steps, inits, params = _jax_steps(name, config.seed)
+  batch = jax.tree.map(jnp.asarray, _batch(name, batch_size, config.seed))
+  runners, peaks = {}, {}
+  for method in config.methods:
+    # Copies: donation deletes the buffers, and init may return closed-over arrays.
+    state = [jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, inits[method](params))]
+    step = jax.jit(steps[method], donate_argnums=(0, 1)).lower(*state, batch).compile()
+    peaks[method] = _peak_mb(step)
+
+    def run_once(step=step, state=state):
+      state[0], state[1] = step(state[0], state[1], batch)
+      jax.block_until_ready(state[0])
+
+    runners[method] = run_once
+  ms = _time_interleaved(runners, config.repeats, config.warmup)
+  return [
+    dict(model=name, batch=batch_size, method=m, ms_per_step=ms[m], peak_mem_mb=peaks[m])
+    for m in config.methods
+  ]
+
+
+# ------------------------------------------------------------------ PyTorch / Opacus
+
+
+def _torch_model(name: str):
+  import torch.nn as tnn  # torch only under --compare=opacus
+
+  if name == "lr":
+    return tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 2))
+  if name == "mlp":
+    return tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 256), tnn.ReLU(), tnn.Linear(256, 10))
+  side, channels = (28, 1) if name == "cnn_28x28x1" else (32, 3)
+  flat = 32 * ((side - 4) // 2) ** 2
+  return tnn.Sequential(
+    tnn.Conv2d(channels, 16, 3),
+    tnn.ReLU(),
+    tnn.Conv2d(16, 32, 3),
+    tnn.ReLU(),
+    tnn.MaxPool2d(2),
+    tnn.Flatten(),
+    tnn.Linear(flat, 64),
+    tnn.ReLU(),
+    tnn.Linear(64, 10),
+  )
+
+
+def bench_torch(name: str, batch_size: int, config: BenchConfig) -> list[dict]:
+  """Rows for PyTorch SGD, Opacus hooks and Opacus ghost clipping on one model."""
+  # Before torch loads its OpenMP runtime: spinning threads stall when cores are shared.
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  import torch
+  from opacus import PrivacyEngine
+
+  torch.manual_seed(config.seed)
+  data = _batch(name, batch_size, config.seed)
+  x = torch.from_numpy(data["x"])
+  if x.ndim == 4:  # NHWC -> NCHW
+    x = x.permute(0, 3, 1, 2).contiguous()
+  y = torch.from_numpy(data["y"]).long()
+  loader = torch.utils.data.DataLoader(
+    torch.utils.data.TensorDataset(x.repeat(4, *([1] * (x.ndim - 1))), y.repeat(4)),
+    batch_size=batch_size,
+  )
+  criterion = torch.nn.CrossEntropyLoss()
+  runners = {}
+
+  model = _torch_model(name)
+  opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+
+  def sgd_once():
+    opt.zero_grad(set_to_none=True)
+    criterion(model(x), y).backward()
+    opt.step()
+
+  runners["opacus_sgd"] = sgd_once
+  for mode in ("hooks", "ghost"):
+    model_m = _torch_model(name)
+    opt_m = torch.optim.SGD(model_m.parameters(), lr=LEARNING_RATE)
+    kwargs = dict(
+      module=model_m,
+      optimizer=opt_m,
+      data_loader=loader,
+      noise_multiplier=NOISE_MULTIPLIER,
+      max_grad_norm=L2_NORM_CLIP,
+      poisson_sampling=False,
+      grad_sample_mode=mode,
+    )
+    engine = PrivacyEngine()
+    if mode == "ghost":
+      model_m, opt_m, crit_m, _ = engine.make_private(criterion=criterion, **kwargs)
+    else:
+      model_m, opt_m, _ = engine.make_private(**kwargs)
+      crit_m = criterion
+
+    def dp_once(model_m=model_m, opt_m=opt_m, crit_m=crit_m):
+      opt_m.zero_grad(set_to_none=True)
+      crit_m(model_m(x), y).backward()
+      opt_m.step()
+
+    runners[f"opacus_{mode}"] = dp_once
+  ms = _time_interleaved(runners, config.repeats, config.warmup)
+  return [
+    dict(model=name, batch=batch_size, method=m, ms_per_step=ms[m], peak_mem_mb=None)
+    for m in TORCH_METHODS
+  ]
+
+
+# ------------------------------------------------------------------ driver
+
+
+def summary(rows: Sequence[dict]) -> str:
+  """The table of rows, with DP/SGD ratios and jaxshape's speed-up over PyTorch/Opacus."""
+  by = {(r["model"], r["batch"], r["method"]): r for r in rows}
+  lines = [
+    f"{'model':<12} {'batch':>5} {'method':<13} {'ms/step':>9} {'peak MB':>8} "
+    f"{'/sgd':>6} {'/sgd_fast':>9} {'dp_fast x':>9}"
+  ]
+  for r in rows:
+    key = (r["model"], r["batch"])
+    sgd, sgd_fast, fast = (by.get((*key, m)) for m in ("sgd", "sgd_fast", "dp_fast"))
+    ms = r["ms_per_step"]
+    cells = [
+      f"{r['model']:<12} {r['batch']:>5} {r['method']:<13} {ms:>9.2f}",
+      f"{r['peak_mem_mb']:>8.1f}" if r["peak_mem_mb"] is not None else f"{'':>8}",
+      f"{ms / sgd['ms_per_step']:>6.2f}" if sgd else f"{'':>6}",
+      f"{ms / sgd_fast['ms_per_step']:>9.2f}" if sgd_fast else f"{'':>9}",
+      f"{ms / fast['ms_per_step']:>9.2f}" if fast and r["method"] != "dp_fast" else f"{'':>9}",
+    ]
+    lines.append(" ".join(cells))
+  lines.append(
+    "/sgd, /sgd_fast: time relative to that SGD step of the same model; "
+    "dp_fast x: how many times slower than jaxshape's fast DP step."
+  )
+  return "\n".join(lines)
+
+
+def run(config: BenchConfig) -> list[dict]:
+  """Times every model and method of `config`; writes `bench.csv` to `config.out` if set."""
+  unknown = [m for m in config.models if m not in MODELS]
+  if unknown:
+    raise ValueError(f"models must be among {MODELS}, got {unknown}")
+  unknown = [m for m in config.methods if m not in JAX_METHODS]
+  if unknown:
+    raise ValueError(f"methods must be among {JAX_METHODS}, got {unknown}")
+  if config.compare not in (None, "", "opacus"):
+    raise ValueError(f"compare must be '' or 'opacus', got {config.compare!r}")
+  if config.batch_size < 1 or config.repeats < 1 or config.warmup < 0:
+    raise ValueError("batch_size and repeats must be >= 1 and warmup >= 0")
+  rows = []
+  for name in config.models:
+    rows += bench_jax(name, config.batch_size, config)
+    if config.compare == "opacus":
+      rows += bench_torch(name, config.batch_size, config)
+  if config.memory_batch and "mlp" in config.models:
+    # dp_vmap takes seconds per step at this batch: time it over fewer rounds.
+    few = dataclasses.replace(config, repeats=min(config.repeats, 5), warmup=min(config.warmup, 1))
+    rows += bench_jax("mlp", config.memory_batch, few)
+  if config.out:
+    os.makedirs(config.out, exist_ok=True)
+    results.write_csv(os.path.join(config.out, "bench.csv"), rows, COLUMNS)
+  return rows
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", list(MODELS), f"Models to time, among {MODELS}.")
+flags.DEFINE_integer("batch", 100, "Batch size of the timed steps.")
+flags.DEFINE_integer("repeats", None, "Timed rounds per method (default 20; 3 with --quick).")
+flags.DEFINE_integer("warmup", None, "Untimed steps per method first (default 3; 1 with --quick).")
+flags.DEFINE_integer("memory_batch", 1024, "MLP batch size of the memory rows (0: skip).")
+flags.DEFINE_enum("compare", "", ["", "opacus"], "Also time PyTorch SGD and Opacus.")
+flags.DEFINE_bool("quick", False, "Few repeats (a smoke run).")
+flags.DEFINE_list("methods", list(JAX_METHODS), f"JAX methods to time, among {JAX_METHODS}.")
+flags.DEFINE_string("out", None, "Folder for bench.csv.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  defaults = QUICK if FLAGS.quick else {}
+  config = BenchConfig(
+    models=tuple(FLAGS.models),
+    batch_size=FLAGS.batch,
+    repeats=FLAGS.repeats or defaults.get("repeats", 20),
+    warmup=FLAGS.warmup if FLAGS.warmup is not None else defaults.get("warmup", 3),
+    memory_batch=FLAGS.memory_batch or None,
+    compare=FLAGS.compare or None,
+    methods=tuple(FLAGS.methods),
+    out=FLAGS.out,
+  )
+  load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, {load}")
+  rows = run(config)
+  print(summary(rows))
+  print("at the end: load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
+
+
+if __name__ == "__main__":
+  app.run(main)
