@@ -12,6 +12,9 @@ from jaxshape import models
 from jaxshape import results
 from jaxshape import sweep
 from jaxshape import train
+from jaxshape.fast_grads import NormsAndCosines
+from jaxshape.fast_grads import fast_grad
+from jaxshape.fast_grads import per_example_norms_and_cosines
 from jaxshape.grads import ClippedSum
 from jaxshape.grads import clipped_sum_and_norms
 from jaxshape.grads import per_example_grads
@@ -32,6 +35,7 @@ __all__ = [
   "AddGaussianNoiseState",
   "ClipPerExampleState",
   "ClippedSum",
+  "NormsAndCosines",
   "accounting",
   "analysis",
   "add_adaptive_noise",
@@ -40,9 +44,11 @@ __all__ = [
   "clipped_sum_and_norms",
   "dp_adam",
   "dp_sgd",
+  "fast_grad",
   "models",
   "per_example_grads",
   "per_example_norms",
+  "per_example_norms_and_cosines",
   "results",
   "sweep",
   "train",
