@@ -1,0 +1,249 @@
+"""Tests experiments/gradient_analysis.py (§3 Fig. 1, §6.2 Fig. 4c/4f) on tiny FashionMNIST slices.
+
+The smoke preset runs one from-scratch LR scenario (collision, vanilla and
+DP) and one re-training scenario (insertion, vanilla, from the cached
+pre-trained MLP); the padded poison sets of label flipping and the
+measurement helpers are checked directly.
+"""
+
+import dataclasses
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import gradient_analysis as ga
+from jaxshape import analysis
+from jaxshape import data
+from jaxshape import grads
+from jaxshape import models
+from jaxshape import results
+from jaxshape import train
+
+
+def _fmnist_available():
+  try:
+    data.load("fashion_mnist_3_4")
+  except FileNotFoundError:
+    return False
+  return True
+
+
+needs_fmnist = pytest.mark.skipif(
+  not _fmnist_available(), reason="FashionMNIST not installed (run `make data`)"
+)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp("gradients")
+  config = dataclasses.replace(
+    ga.PRESETS["smoke"],
+    out=str(out),
+    progress=False,
+    scenarios=("collision_scratch", "insertion"),
+    retrain_defenses=("vanilla",),
+  )
+  return config, ga.run(config)
+
+
+def _expected_rows(config):
+  total = 0
+  for scenario in config.scenarios:
+    total += (
+      len(ga.settings(config, scenario))
+      * len(ga.defense_grid(config, scenario))
+      * config.seeds
+      * config.epochs
+      * len(ga.LAYERS)
+    )
+  return total
+
+
+@needs_fmnist
+def test_csv_schema_rows_and_values(smoke):
+  config, out = smoke
+  path = os.path.join(config.out, "gradients.csv")
+  assert results.read_header(path) == list(ga.COLUMNS)
+  assert ga.COLUMNS == (
+    "scenario",
+    "setting",
+    "defense",
+    "clip_norm",
+    "noise_multiplier",
+    "seed",
+    "epoch",
+    "layer",
+    "clean_norm",
+    "poison_norm",
+    "ratio",
+    "cosine",
+    "test_acc",
+  )
+  rows = results.parse(results.read_csv(path))
+  assert len(rows) == _expected_rows(config) == len(out["rows"])
+  assert len(ga.defense_grid(config, "collision_scratch")) == 2  # vanilla, DP C=4 sigma=0
+  assert ga.defense_grid(config, "insertion") == [("vanilla", math.inf, 0.0)]
+  for row in rows:
+    assert row["layer"] in ga.LAYERS
+    assert 1 <= row["epoch"] <= config.epochs
+    for name in ("clean_norm", "poison_norm", "ratio", "test_acc"):
+      assert math.isfinite(row[name]) and row[name] >= 0, row
+    assert -1 - 1e-5 <= row["cosine"] <= 1 + 1e-5, row
+    assert row["ratio"] == pytest.approx(row["poison_norm"] / row["clean_norm"], rel=1e-4)
+    if row["defense"] == "vanilla":
+      assert row["clip_norm"] == math.inf and row["noise_multiplier"] == 0
+    else:
+      assert row["clip_norm"] == 4.0
+  # For the LR the last layer's kernel is all but the bias: both views nearly agree.
+  by_key = {tuple(r[c] for c in ga.COLUMNS[:8]): r for r in rows}
+  for key, row in by_key.items():
+    if key[0] != "insertion" and key[7] == "all":
+      last = by_key[(*key[:7], "last")]
+      assert last["cosine"] == pytest.approx(row["cosine"], abs=0.02)
+  for name in ("gradients.png", "config.json", "pretrained_mlp.npz"):
+    assert os.path.getsize(os.path.join(config.out, name)) > 0
+  assert len(out["summary"]) == sum(
+    len(ga.settings(config, s)) * len(ga.defense_grid(config, s)) for s in config.scenarios
+  )
+
+
+@needs_fmnist
+def test_poisons_have_larger_gradients_than_clean_data(smoke):
+  # Fig. 1 (upper row): at alpha 1 (a coat labelled dress) the mean poison
+  # gradient is several times the clean one. On the smoke data the mean over
+  # epochs of every (defense, seed) measured 7.8-19x (single epochs 1.4-21x).
+  _, out = smoke
+  ratios = {}
+  for r in out["rows"]:
+    if r["scenario"] == "collision_scratch":
+      ratios.setdefault((r["defense"], r["seed"]), []).append(r["ratio"])
+  assert len(ratios) == 4 and all(np.mean(v) > 3.0 for v in ratios.values()), ratios
+
+
+@needs_fmnist
+def test_rerun_skips_finished_jobs(smoke, monkeypatch):
+  config, out = smoke
+  path = os.path.join(config.out, "gradients.csv")
+  before = (os.path.getmtime(path), open(path).read())
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a finished job was trained again")
+
+  monkeypatch.setattr(train, "fit", no_training)
+  monkeypatch.setattr(train, "train_step", no_training)
+  again = ga.run(config)
+  assert (os.path.getmtime(path), open(path).read()) == before
+  assert len(again["rows"]) == len(out["rows"])
+
+
+@needs_fmnist
+def test_label_flip_poisons_are_padded_prefixes():
+  config = dataclasses.replace(ga.PRESETS["smoke"], poison_ratios=(0.0, 0.2, 0.4), seeds=2)
+  d = ga._load(config, "fashion_mnist_3_4")
+  px_V, py_V, index = ga.craft(config, "label_flip", d)
+  n = d["x"].shape[0]
+  assert px_V.shape == (2, round(0.4 * n), *d["x"].shape[1:]) and py_V.shape == px_V.shape[:2]
+  for ratio in config.poison_ratios:
+    for seed in range(2):
+      variant, count = index[ratio, seed]
+      assert variant == seed and count == round(ratio * n)
+  assert not np.array_equal(px_V[0], px_V[1])  # a draw per seed
+
+
+def _lr_batch():
+  model = models.LR(2)
+  params = models.init_params(model, jax.random.key(0), (6,))
+  x = jax.random.uniform(jax.random.key(1), (8, 6))
+  batch = {
+    "x": x,
+    "y": jnp.arange(8) % 2,
+    "is_poison": jnp.array([0, 0, 1, 0, 1, 0, 0, 0], jnp.float32),
+    "mask": jnp.array([1, 1, 1, 1, 1, 1, 1, 0], jnp.float32),
+  }
+  return models.ClassifierLoss(model), params, batch
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_clipped_measure_clips_each_example(jit):
+  loss_fn, params, batch = _lr_batch()
+
+  def measure(kind, clip):
+    fn = lambda p, b: ga.subset_batch_grads(loss_fn, kind, clip, p, b)
+    return jax.jit(fn)(params, batch) if jit else fn(params, batch)
+
+  raw = measure("raw", jnp.inf)
+  chex.assert_trees_all_close(measure("clipped", jnp.inf), raw, rtol=1e-5, atol=1e-7)
+  pe = grads.per_example_grads(loss_fn, params, batch)
+  norms = np.asarray(grads.per_example_norms(pe))
+  clip = float(np.median(norms[:7]))
+  got = measure("clipped", clip)
+  factor = np.minimum(1.0, clip / np.where(norms > 0, norms, 1.0))
+  for part, sel in (
+    ("clean", (1 - batch["is_poison"]) * batch["mask"]),
+    ("poison", batch["is_poison"] * batch["mask"]),
+  ):
+    w = np.asarray(sel) * factor / np.sum(sel)
+    want = jax.tree.map(lambda g, w=w: jnp.tensordot(jnp.asarray(w, jnp.float32), g, 1), pe)
+    chex.assert_trees_all_close(got[part], want, rtol=1e-4, atol=1e-6)
+    assert analysis.ratio_and_cosine(want, want)[0] == pytest.approx(1.0)
+  assert float(got["has_clean"]) == 1 and float(got["has_poison"]) == 1
+
+
+def test_epoch_mean_skips_batches_without_poisons():
+  # Three batches; the poison is in one. The epoch's poison mean must be that
+  # batch's mean, not a third of it (train.fit averages over all batches).
+  loss_fn, params, batch = _lr_batch()
+  with_poison = ga.subset_batch_grads(loss_fn, "raw", jnp.inf, params, batch)
+  clean_only = ga.subset_batch_grads(
+    loss_fn, "raw", jnp.inf, params, {**batch, "is_poison": jnp.zeros(8, jnp.float32)}
+  )
+  assert float(clean_only["has_poison"]) == 0
+  epoch = jax.tree.map(lambda a, b: (a + 2 * b) / 3, with_poison, clean_only)
+  got = ga.epoch_artifacts(epoch)
+  want_poison = analysis.subset_mean_grads(loss_fn, params, batch)["poison"]
+  np.testing.assert_allclose(
+    got["poison_norm_all"],
+    jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(want_poison))),
+    rtol=1e-5,
+  )
+
+
+def test_fit_summing_metrics_is_train_fit():
+  # Same run as train.fit (keys, batches, masked padding, updates), and the
+  # same epoch artifacts from sums as from train.fit's stacked means.
+  model = models.MLP(3, hidden=(8,))
+  loss_fn = models.ClassifierLoss(model)
+  x = jax.random.uniform(jax.random.key(0), (50, 6))
+  mask = (jnp.arange(50) < 45).astype(jnp.float32)  # 5 padded poisons
+  is_poison = ((jnp.arange(50) >= 40) & (jnp.arange(50) < 45)).astype(jnp.float32)
+  data = {"x": x, "y": jnp.arange(50) % 3, "mask": mask, "is_poison": is_poison}
+  spec = train.TrainSpec(loss_fn, optimizer="adam", defense="dp", batch_size=16, epochs=3)
+  hparams = train.HParams.create(0.05, 1.0, 0.5)
+  init = models.init_params(model, jax.random.key(1), (6,))
+  eval_fn = lambda p: {"w": jnp.sum(p["head"]["kernel"])}
+  batch_fn = lambda p, b: ga.subset_batch_grads(loss_fn, "raw", jnp.inf, p, b)
+  kwargs = dict(init_params=init, eval_fn=eval_fn, batch_metrics_fn=batch_fn)
+  want = jax.jit(lambda k: train.fit(spec, hparams, k, data, **kwargs).records)(jax.random.key(2))
+  got = jax.jit(lambda k: ga.fit_summing_metrics(spec, hparams, k, data, **kwargs))(
+    jax.random.key(2)
+  )
+  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5)
+  art_got = jax.vmap(ga.epoch_artifacts)(got["batch_metrics"])
+  art_want = jax.vmap(ga.epoch_artifacts)(want["batch_metrics"])
+  chex.assert_trees_all_close(art_got, art_want, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_config_fails_loudly(tmp_path):
+  for change in (
+    {"scenarios": ("nope",)},
+    {"defenses": ("adaptive",)},
+    {"measure": "x"},
+    {"clip_norms": (0.0,)},
+  ):
+    with pytest.raises(ValueError):
+      ga.run(dataclasses.replace(ga.PRESETS["smoke"], out=str(tmp_path), **change))
