@@ -54,23 +54,60 @@ MAX_RAD = 0.05  # §6.1: a targeted attack counts only while RAD < 0.05 (Suciu e
 
 # The paper's setups (§6.3 Fig. 5, §6.4 Fig. 6) and what replaces a missing dataset.
 PAPER_SETUPS = {
-    "oneshot": ("purchase100:lr", "fashion_mnist:mlp", "cifar10:cnn"),
-    "multipoison": ("purchase100:lr", "purchase100:mlp"),
+  "oneshot": ("purchase100:lr", "fashion_mnist:mlp", "cifar10:cnn"),
+  "multipoison": ("purchase100:lr", "purchase100:mlp"),
 }
 _FALLBACK = {"purchase100": "fashion_mnist", "cifar10": "fashion_mnist"}  # same model
 
 ATTEMPT_COLUMNS = (
-    "target_index", "defense", "clip_norm", "noise_multiplier", "seed", "attempt", "n_poisons",
-    "success", "success_epoch", "flip_epoch", "clean_acc", "acc_final", "acc_min", "rad",
+  "target_index",
+  "defense",
+  "clip_norm",
+  "noise_multiplier",
+  "seed",
+  "attempt",
+  "n_poisons",
+  "success",
+  "success_epoch",
+  "flip_epoch",
+  "clean_acc",
+  "acc_final",
+  "acc_min",
+  "rad",
 )
 TARGETED_COLUMNS = (
-    "target_index", "defense", "clip_norm", "noise_multiplier", "seed", "success",
-    "success_epoch", "n_poisons_used", "clean_acc", "acc_final", "rad",
+  "target_index",
+  "defense",
+  "clip_norm",
+  "noise_multiplier",
+  "seed",
+  "success",
+  "success_epoch",
+  "n_poisons_used",
+  "clean_acc",
+  "acc_final",
+  "rad",
 )
 SUMMARY_COLUMNS = (
-    "label", "defense", "clip_norm", "noise_multiplier", "n", "successes", "success_rate",
-    "ci_low", "ci_high", "mean_poisons", "std_poisons", "mean_rad", "flip_rate",
-    "control_successes", "control_n", "control_rate", "clean_acc", "control_acc", "utility_rad",
+  "label",
+  "defense",
+  "clip_norm",
+  "noise_multiplier",
+  "n",
+  "successes",
+  "success_rate",
+  "ci_low",
+  "ci_high",
+  "mean_poisons",
+  "std_poisons",
+  "mean_rad",
+  "flip_rate",
+  "control_successes",
+  "control_n",
+  "control_rate",
+  "clean_acc",
+  "control_acc",
+  "utility_rad",
 )
 
 
@@ -101,8 +138,11 @@ class Defense(NamedTuple):
     return f"{self.kind}_C{self.clip_norm:g}_s{self.noise_multiplier:g}"
 
   def fields(self) -> dict:
-    return {"defense": self.kind, "clip_norm": self.clip_norm,
-            "noise_multiplier": self.noise_multiplier}
+    return {
+      "defense": self.kind,
+      "clip_norm": self.clip_norm,
+      "noise_multiplier": self.noise_multiplier,
+    }
 
 
 VANILLA = Defense("vanilla", math.inf, 0.0)
@@ -126,8 +166,9 @@ def defense_grid(config) -> list[Defense]:
   grid = [VANILLA] if config.include_vanilla else []
   grid += [Defense("dp", float(c), 0.0) for c in config.clip_norms]
   grid += [Defense("dp", float(config.noise_clip), float(s)) for s in config.noise_multipliers]
-  grid += [Defense("adaptive", float(config.noise_clip), float(s))
-           for s in config.adaptive_multipliers]
+  grid += [
+    Defense("adaptive", float(config.noise_clip), float(s)) for s in config.adaptive_multipliers
+  ]
   return list(dict.fromkeys(grid))
 
 
@@ -148,8 +189,11 @@ def make_arms(scenario: str, grid: Sequence[Defense]) -> list[Arm]:
 
 
 def decide_success(
-    pred_E: Sequence[int], acc_E: Sequence[float], attacker_class: int, clean_acc: float,
-    max_rad: float = MAX_RAD,
+  pred_E: Sequence[int],
+  acc_E: Sequence[float],
+  attacker_class: int,
+  clean_acc: float,
+  max_rad: float = MAX_RAD,
 ) -> tuple[bool, int | None]:
   """The §6.1 rule: the target is the attacker's class at the end of *any* epoch, RAD < max_rad.
 
@@ -204,22 +248,27 @@ class Setup:
 def parse_setup(text: str) -> tuple[str, str]:
   parts = text.split(":")
   if len(parts) != 2 or parts[1] not in models.MODELS or parts[0] not in data.DATASETS:
-    raise ValueError(f"a setup is 'dataset:model' with a dataset of {data.DATASETS} and a model "
-                     f"of {tuple(models.MODELS)}, got {text!r}")
+    raise ValueError(
+      f"a setup is 'dataset:model' with a dataset of {data.DATASETS} and a model "
+      f"of {tuple(models.MODELS)}, got {text!r}"
+    )
   return parts[0], parts[1]
 
 
 def resolve_setups(config, loader=None) -> tuple[list[Setup], dict[str, data.Dataset]]:
   """The setups to run (missing datasets replaced when `config.fallback`) and their data."""
-  loader = loader or functools.partial(data.load, data_dir=config.data_dir,
-                                       download=config.download)
+  loader = loader or functools.partial(
+    data.load, data_dir=config.data_dir, download=config.download
+  )
   names = config.setups or PAPER_SETUPS[config.mode]
   if config.setups is None and config.models is not None:
     skipped = [n for n in names if parse_setup(n)[1] not in config.models]
     names = [n for n in names if n not in skipped]
     if skipped:
-      print(f"note: skipping {', '.join(skipped)} (models {config.models} only; pass "
-            f"--setups={','.join(skipped)} to run them)")
+      print(
+        f"note: skipping {', '.join(skipped)} (models {config.models} only; pass "
+        f"--setups={','.join(skipped)} to run them)"
+      )
   if not names:
     raise ValueError("no setup left to run")
   loaded: dict[str, Any] = {}
@@ -240,9 +289,11 @@ def resolve_setups(config, loader=None) -> tuple[list[Setup], dict[str, data.Dat
       if not config.fallback or dataset not in _FALLBACK:
         raise get(dataset)
       new_dataset = _FALLBACK[dataset]
-      note = (f"{dataset} is not available here, so {model.upper()} / {dataset} is replaced by "
-              f"{model.upper()} / {new_dataset} (pass --data_dir with {dataset} for the "
-              f"paper's setup)")
+      note = (
+        f"{dataset} is not available here, so {model.upper()} / {dataset} is replaced by "
+        f"{model.upper()} / {new_dataset} (pass --data_dir with {dataset} for the "
+        f"paper's setup)"
+      )
       dataset = new_dataset
       if isinstance(get(dataset), FileNotFoundError):
         raise get(dataset)
@@ -250,8 +301,10 @@ def resolve_setups(config, loader=None) -> tuple[list[Setup], dict[str, data.Dat
     if setup.name not in {s.name for s in setups}:
       setups.append(setup)
     elif note:
-      setups = [dataclasses.replace(s, note=s.note + "; " + note) if s.name == setup.name else s
-                for s in setups]
+      setups = [
+        dataclasses.replace(s, note=s.note + "; " + note) if s.name == setup.name else s
+        for s in setups
+      ]
   return setups, {s.dataset: loaded[s.dataset] for s in setups}
 
 
@@ -292,22 +345,26 @@ def make_context(config, setup: Setup, ds) -> Context:
   kwargs = {"hidden": tuple(config.hidden)} if setup.model == "mlp" else {}
   model = models.make_model(setup.model, ds.num_classes, **kwargs)
   spec_kwargs = {
-      "loss_fn": models.ClassifierLoss(model),
-      # The paper: Adam / DP-Adam for LR, SGD / DP-SGD for MLP and CNN.
-      "optimizer": "adam" if setup.model == "lr" else "sgd",
-      "batch_size": config.batch_size,
+    "loss_fn": models.ClassifierLoss(model),
+    # The paper: Adam / DP-Adam for LR, SGD / DP-SGD for MLP and CNN.
+    "optimizer": "adam" if setup.model == "lr" else "sgd",
+    "batch_size": config.batch_size,
   }
   lr = config.learning_rate or (0.02 if setup.model == "cnn" else 0.08)
-  return Context(setup, model, spec_kwargs, lr, x, y, x_test, y_test, x_eval, y_eval,
-                 ds.num_classes, n_full)
+  return Context(
+    setup, model, spec_kwargs, lr, x, y, x_test, y_test, x_eval, y_eval, ds.num_classes, n_full
+  )
 
 
 def make_spec(ctx: Context, defense_kind: str, epochs: int) -> train.TrainSpec:
   # Vanilla with track_norms goes through the exact per-example fast path (clip C = inf), which
   # on the CPU is far faster than XLA's convolution backward pass for the CNN.
-  return train.TrainSpec(defense=defense_kind, epochs=epochs,
-                         track_norms=defense_kind == "vanilla" and ctx.setup.model == "cnn",
-                         **ctx.spec_kwargs)
+  return train.TrainSpec(
+    defense=defense_kind,
+    epochs=epochs,
+    track_norms=defense_kind == "vanilla" and ctx.setup.model == "cnn",
+    **ctx.spec_kwargs,
+  )
 
 
 def hparams(lr: float, d: Defense) -> train.HParams:
@@ -341,8 +398,9 @@ def _load_arrays(path: str, signature: str) -> dict[str, np.ndarray] | None:
   return arrays
 
 
-def pretrain(ctx: Context, config, pre_defenses: Sequence[Defense], seeds: Sequence[int],
-             folder: str) -> dict[tuple[Defense, int], Any]:
+def pretrain(
+  ctx: Context, config, pre_defenses: Sequence[Defense], seeds: Sequence[int], folder: str
+) -> dict[tuple[Defense, int], Any]:
   """Parameters of one model per (defense, seed), trained from scratch on the clean set.
 
   Parameters are cached as `.npz` in `folder` and reused by later runs with the same
@@ -366,13 +424,15 @@ def pretrain(ctx: Context, config, pre_defenses: Sequence[Defense], seeds: Seque
     # One compiled program per kind, run model by model (not vmapped), so a model's
     # parameters do not depend on which other defenses or seeds the grid holds.
     if d.kind not in fits:
-      fits[d.kind] = jax.jit(functools.partial(
-          train.fit, make_spec(ctx, d.kind, config.pretrain_epochs)))
+      fits[d.kind] = jax.jit(
+        functools.partial(train.fit, make_spec(ctx, d.kind, config.pretrain_epochs))
+      )
     result = fits[d.kind](hparams(ctx.learning_rate, d), jax.random.key(s), train_data)
     params = jax.tree.map(np.asarray, result.params)
     arrays = {f"leaf_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(params))}
-    _save_arrays(os.path.join(folder, f"{d.slug}_seed{s}.npz"),
-                 {**arrays, "signature": np.asarray(signature)})
+    _save_arrays(
+      os.path.join(folder, f"{d.slug}_seed{s}.npz"), {**arrays, "signature": np.asarray(signature)}
+    )
     found[d, s] = params
   return found
 
@@ -406,17 +466,38 @@ class Crafted(NamedTuple):
   count_T: np.ndarray  # [T] int32 usable poisons per target (<= Q)
 
 
-CRAFT_FIELDS = ("attack", "candidates", "craft_iters", "craft_lr", "beta0",
-                "max_feature_distance", "watermark", "wb_epsilon", "wb_steps", "wb_restarts",
-                "wb_augment", "base_class", "target_class")
+CRAFT_FIELDS = (
+  "attack",
+  "candidates",
+  "craft_iters",
+  "craft_lr",
+  "beta0",
+  "max_feature_distance",
+  "watermark",
+  "wb_epsilon",
+  "wb_steps",
+  "wb_restarts",
+  "wb_augment",
+  "base_class",
+  "target_class",
+)
 
 
-def craft(ctx: Context, config, params, target_idx_T: np.ndarray, q: int, seed: int,
-          path: str) -> Crafted:
+def craft(
+  ctx: Context, config, params, target_idx_T: np.ndarray, q: int, seed: int, path: str
+) -> Crafted:
   """Poisons for each target (cached at `path`); Poison Frogs or Witches' Brew."""
-  signature = _signature(config, CRAFT_FIELDS, {"q": q, "seed": seed, "mode": config.mode,
-                                                "targets": target_idx_T.tolist(),
-                                                "pretrain": _signature(config, PRETRAIN_FIELDS)})
+  signature = _signature(
+    config,
+    CRAFT_FIELDS,
+    {
+      "q": q,
+      "seed": seed,
+      "mode": config.mode,
+      "targets": target_idx_T.tolist(),
+      "pretrain": _signature(config, PRETRAIN_FIELDS),
+    },
+  )
   arrays = _load_arrays(path, signature)
   if arrays is not None:
     return Crafted(*(arrays[f] for f in Crafted._fields))
@@ -432,8 +513,9 @@ def craft(ctx: Context, config, params, target_idx_T: np.ndarray, q: int, seed: 
 
 def _features(ctx: Context, params, x_N: np.ndarray, chunk: int = 2000) -> np.ndarray:
   fn = jax.jit(lambda p, x: models.features(ctx.model, p, x))
-  return np.concatenate([np.asarray(fn(params, jnp.asarray(x_N[i: i + chunk])))
-                         for i in range(0, x_N.shape[0], chunk)])
+  return np.concatenate(
+    [np.asarray(fn(params, jnp.asarray(x_N[i : i + chunk]))) for i in range(0, x_N.shape[0], chunk)]
+  )
 
 
 def _craft_frogs(ctx: Context, config, params, target_idx_T: np.ndarray, q: int) -> Crafted:
@@ -449,24 +531,26 @@ def _craft_frogs(ctx: Context, config, params, target_idx_T: np.ndarray, q: int)
   near_TK = np.argsort(dist_TN, axis=1, kind="stable")[:, :k]
   x_base_TK = ctx.x_test[pool_N[near_TK]]
   if config.watermark > 0:
-    x_base_TK = np.clip((1 - config.watermark) * x_base_TK
-                        + config.watermark * x_target_T[:, None], 0.0, 1.0)
+    x_base_TK = np.clip(
+      (1 - config.watermark) * x_base_TK + config.watermark * x_target_T[:, None], 0.0, 1.0
+    )
   dim_f = f_pool_NF.shape[-1]
   beta = config.beta0 * (dim_f / float(np.prod(ctx.x.shape[1:]))) ** 2  # Shafahi et al.
 
   @jax.jit
   def collide_T(x_t, x_b):
-    run = lambda xt, xb: poisons.collide(ctx.model, params, xt, xb, config.craft_lr, beta,
-                                         config.craft_iters)
+    run = lambda xt, xb: poisons.collide(
+      ctx.model, params, xt, xb, config.craft_lr, beta, config.craft_iters
+    )
     return jax.vmap(run)(x_t, x_b)
 
   t = target_idx_T.size
   x_TK, dist_TK = np.zeros_like(x_base_TK), np.zeros((t, k), np.float32)
   chunk = max(1, 2000 // k)  # bound the memory of one vmapped loop
   for i in range(0, t, chunk):
-    col = collide_T(jnp.asarray(x_target_T[i: i + chunk]), jnp.asarray(x_base_TK[i: i + chunk]))
-    x_TK[i: i + chunk] = np.asarray(col.x_K)
-    dist_TK[i: i + chunk] = np.asarray(col.distance_K)
+    col = collide_T(jnp.asarray(x_target_T[i : i + chunk]), jnp.asarray(x_base_TK[i : i + chunk]))
+    x_TK[i : i + chunk] = np.asarray(col.x_K)
+    dist_TK[i : i + chunk] = np.asarray(col.distance_K)
   x_TQ = np.zeros((t, q, *ctx.x.shape[1:]), np.float32)
   score_TQ = np.full((t, q), np.nan, np.float32)
   count_T = np.zeros(t, np.int32)
@@ -479,8 +563,9 @@ def _craft_frogs(ctx: Context, config, params, target_idx_T: np.ndarray, q: int)
   return Crafted(target_idx_T, x_TQ, np.full((t, q), -1, np.int32), score_TQ, count_T)
 
 
-def _craft_brew(ctx: Context, config, params, target_idx_T: np.ndarray, q: int,
-                seed: int) -> Crafted:
+def _craft_brew(
+  ctx: Context, config, params, target_idx_T: np.ndarray, q: int, seed: int
+) -> Crafted:
   """Gradient matching with bases from the clean training subset (they *replace* their clean
   copies when active). One-shot: q independent single-poison brews per target (attempts);
   multi-poison: one brew of budget q, of which the first k are used."""
@@ -494,14 +579,25 @@ def _craft_brew(ctx: Context, config, params, target_idx_T: np.ndarray, q: int,
     runs = [(a, 1) for a in range(q)] if config.mode == "oneshot" else [(0, q)]
     for a, budget in runs:
       ps = poisons.witches_brew(
-          jax.random.fold_in(jax.random.fold_in(key, int(target)), a), ctx.model, params,
-          ctx.x_test[target], config.base_class, ctx.x, ctx.y, budget=budget,
-          epsilon=config.wb_epsilon, steps=config.wb_steps, restarts=config.wb_restarts,
-          augment=augment, target_idx=int(target), num_classes=ctx.num_classes)
+        jax.random.fold_in(jax.random.fold_in(key, int(target)), a),
+        ctx.model,
+        params,
+        ctx.x_test[target],
+        config.base_class,
+        ctx.x,
+        ctx.y,
+        budget=budget,
+        epsilon=config.wb_epsilon,
+        steps=config.wb_steps,
+        restarts=config.wb_restarts,
+        augment=augment,
+        target_idx=int(target),
+        num_classes=ctx.num_classes,
+      )
       loss = float(np.min(np.asarray(ps.info["loss_R"])))
-      x_TQ[i, a: a + budget] = np.asarray(ps.x)
-      base_TQ[i, a: a + budget] = np.asarray(ps.base_idx)
-      score_TQ[i, a: a + budget] = loss
+      x_TQ[i, a : a + budget] = np.asarray(ps.x)
+      base_TQ[i, a : a + budget] = np.asarray(ps.base_idx)
+      score_TQ[i, a : a + budget] = loss
   return Crafted(target_idx_T, x_TQ, base_TQ, score_TQ, np.full(t, q, np.int32))
 
 
@@ -527,20 +623,21 @@ def build_program(ctx: Context, config, attacker_class: int):
       drop_P = jnp.where((active_P > 0) & (base_P >= 0), base_P, n)
       clean_N = jnp.ones([n], jnp.float32).at[drop_P].set(0.0, mode="drop")
       fit_data = {
-          "x": jnp.concatenate([shared["x"], px_P]),
-          "y": jnp.concatenate([shared["y"], jnp.full([p], attacker_class, jnp.int32)]),
-          "mask": jnp.concatenate([clean_N, active_P]),
+        "x": jnp.concatenate([shared["x"], px_P]),
+        "y": jnp.concatenate([shared["y"], jnp.full([p], attacker_class, jnp.int32)]),
+        "mask": jnp.concatenate([clean_N, active_P]),
       }
       xt_T = shared["xt_MT"][m]
 
       def eval_fn(params):
         return {
-            "test_acc": train.accuracy(ctx.model, params, shared["x_eval"], shared["y_eval"]),
-            "pred_T": models.predict(ctx.model, params, xt_T),
+          "test_acc": train.accuracy(ctx.model, params, shared["x_eval"], shared["y_eval"]),
+          "pred_T": models.predict(ctx.model, params, xt_T),
         }
 
-      hp = train.HParams.create(values["learning_rate"], values["l2_norm_clip"],
-                                values["noise_multiplier"])
+      hp = train.HParams.create(
+        values["learning_rate"], values["l2_norm_clip"], values["noise_multiplier"]
+      )
       records = train.fit(spec, hp, key, fit_data, init_params=params, eval_fn=eval_fn).records
       return {"test_acc": records["test_acc"], "pred_T": records["pred_T"]}
 
@@ -576,8 +673,8 @@ def make_plan(ctx: Context, config, arms, seeds, params_by_model, crafted_by_mod
       if config.mode == "oneshot":
         for a in range(q):
           variants.append((m, i, a))
-          px.append(c.x_TQ[i, a: a + 1])
-          base.append(c.base_TQ[i, a: a + 1])
+          px.append(c.x_TQ[i, a : a + 1])
+          base.append(c.base_TQ[i, a : a + 1])
       else:
         variants.append((m, i, 0))
         px.append(c.x_TQ[i])
@@ -587,20 +684,39 @@ def make_plan(ctx: Context, config, arms, seeds, params_by_model, crafted_by_mod
     xt_MT[m, : c.target_idx_T.size] = ctx.x_test[c.target_idx_T]
   params_M = jax.tree.map(lambda *a: np.stack(a), *[params_by_model[m] for m in models_m])
   shared = {
-      "x": ctx.x, "y": ctx.y, "x_eval": ctx.x_eval, "y_eval": ctx.y_eval,
-      "params_M": params_M, "xt_MT": xt_MT,
-      "px_V": np.stack(px).astype(np.float32), "base_V": np.stack(base).astype(np.int32),
+    "x": ctx.x,
+    "y": ctx.y,
+    "x_eval": ctx.x_eval,
+    "y_eval": ctx.y_eval,
+    "params_M": params_M,
+    "xt_MT": xt_MT,
+    "px_V": np.stack(px).astype(np.float32),
+    "base_V": np.stack(base).astype(np.int32),
   }
   clean_acc_M = [accuracy(ctx, params_by_model[m]) for m in models_m]
   return Plan(list(arms), list(seeds), models_m, clean_acc_M, crafted_M, variants, shared)
 
 
-def _job(plan: Plan, ctx: Context, arm: Arm, seed: int, *, variant: int, n_poisons: int,
-         target_index: int | None = None, attempt: int | None = None) -> sweep.Job:
+def _job(
+  plan: Plan,
+  ctx: Context,
+  arm: Arm,
+  seed: int,
+  *,
+  variant: int,
+  n_poisons: int,
+  target_index: int | None = None,
+  attempt: int | None = None,
+) -> sweep.Job:
   m = plan.model_index(arm, seed)
-  values = {"model": m, "variant": variant, "n_poisons": n_poisons,
-            "learning_rate": ctx.learning_rate, "l2_norm_clip": arm.re.clip_norm,
-            "noise_multiplier": arm.re.noise_multiplier}
+  values = {
+    "model": m,
+    "variant": variant,
+    "n_poisons": n_poisons,
+    "learning_rate": ctx.learning_rate,
+    "l2_norm_clip": arm.re.clip_norm,
+    "noise_multiplier": arm.re.noise_multiplier,
+  }
   key = {**arm.key.fields(), "seed": seed, "n_poisons": n_poisons}
   if target_index is not None:
     key.update(target_index=target_index, attempt=attempt)
@@ -610,8 +726,9 @@ def _job(plan: Plan, ctx: Context, arm: Arm, seed: int, *, variant: int, n_poiso
 
 def control_jobs(plan: Plan, ctx: Context) -> list[sweep.Job]:
   """One clean re-training per (arm, seed): the no-poison baseline of the success rule."""
-  return [_job(plan, ctx, arm, seed, variant=0, n_poisons=0)
-          for arm in plan.arms for seed in plan.seeds]
+  return [
+    _job(plan, ctx, arm, seed, variant=0, n_poisons=0) for arm in plan.arms for seed in plan.seeds
+  ]
 
 
 def oneshot_jobs(plan: Plan, ctx: Context) -> list[sweep.Job]:
@@ -622,8 +739,18 @@ def oneshot_jobs(plan: Plan, ctx: Context) -> list[sweep.Job]:
       c = plan.crafted_M[m]
       for v, (vm, i, a) in enumerate(plan.variants):
         if vm == m and a < c.count_T[i]:
-          jobs.append(_job(plan, ctx, arm, seed, variant=v, n_poisons=1,
-                           target_index=int(c.target_idx_T[i]), attempt=a))
+          jobs.append(
+            _job(
+              plan,
+              ctx,
+              arm,
+              seed,
+              variant=v,
+              n_poisons=1,
+              target_index=int(c.target_idx_T[i]),
+              attempt=a,
+            )
+          )
   return jobs
 
 
@@ -637,8 +764,9 @@ def multipoison_jobs(plan: Plan, ctx: Context, k: int, done: set) -> list[sweep.
       for v, (vm, i, _) in enumerate(plan.variants):
         target = int(c.target_idx_T[i])
         if vm == m and k <= c.count_T[i] and (arm.key, seed, target) not in done:
-          jobs.append(_job(plan, ctx, arm, seed, variant=v, n_poisons=k,
-                           target_index=target, attempt=0))
+          jobs.append(
+            _job(plan, ctx, arm, seed, variant=v, n_poisons=k, target_index=target, attempt=0)
+          )
   return jobs
 
 
@@ -657,12 +785,19 @@ def make_to_rows(plan: Plan, attacker_class: int):
     for i, a in positions:
       pred_E = np.asarray(outputs["pred_T"])[:, i]
       success, epoch = decide_success(pred_E, acc_E, attacker_class, clean_acc)
-      rows.append({
-          "target_index": int(c.target_idx_T[i]), "attempt": a, "success": success,
-          "success_epoch": epoch, "flip_epoch": first_flip(pred_E, attacker_class),
-          "clean_acc": clean_acc, "acc_final": float(acc_E[-1]), "acc_min": float(acc_E.min()),
+      rows.append(
+        {
+          "target_index": int(c.target_idx_T[i]),
+          "attempt": a,
+          "success": success,
+          "success_epoch": epoch,
+          "flip_epoch": first_flip(pred_E, attacker_class),
+          "clean_acc": clean_acc,
+          "acc_final": float(acc_E[-1]),
+          "acc_min": float(acc_E.min()),
           "rad": (clean_acc - float(acc_E[-1])) / clean_acc,
-      })
+        }
+      )
     return rows
 
   return to_rows
@@ -672,8 +807,13 @@ def make_to_rows(plan: Plan, attacker_class: int):
 
 
 def _ident(d: Defense, seed: int, target: int) -> tuple:
-  return (d.kind, results.canonical(d.clip_norm), results.canonical(d.noise_multiplier),
-          int(seed), int(target))
+  return (
+    d.kind,
+    results.canonical(d.clip_norm),
+    results.canonical(d.noise_multiplier),
+    int(seed),
+    int(target),
+  )
 
 
 def aggregate(plan: Plan, attempt_rows: list[dict], mode: str) -> tuple[list[dict], list[dict]]:
@@ -706,19 +846,42 @@ def aggregate(plan: Plan, attempt_rows: list[dict], mode: str) -> tuple[list[dic
         runs = by_ident.get(ident, [])
         wins = [r for r in runs if r["success"] is True]
         if mode == "oneshot":
-          pick = (min(wins, key=lambda r: (r["success_epoch"], r["attempt"])) if wins
-                  else min(runs, key=lambda r: r["attempt"], default=None))
+          pick = (
+            min(wins, key=lambda r: (r["success_epoch"], r["attempt"]))
+            if wins
+            else min(runs, key=lambda r: r["attempt"], default=None)
+          )
         else:
-          pick = (min(wins, key=lambda r: r["n_poisons"]) if wins
-                  else max(runs, key=lambda r: r["n_poisons"], default=None))
+          pick = (
+            min(wins, key=lambda r: r["n_poisons"])
+            if wins
+            else max(runs, key=lambda r: r["n_poisons"], default=None)
+          )
         if pick is None:
-          targeted.append({**base, "success": False, "success_epoch": None, "n_poisons_used": 0,
-                           "clean_acc": plan.clean_acc_M[m], "acc_final": None, "rad": None})
+          targeted.append(
+            {
+              **base,
+              "success": False,
+              "success_epoch": None,
+              "n_poisons_used": 0,
+              "clean_acc": plan.clean_acc_M[m],
+              "acc_final": None,
+              "rad": None,
+            }
+          )
           continue
-        targeted.append({**base, "success": bool(wins), "success_epoch": pick["success_epoch"],
-                         "n_poisons_used": int(pick["n_poisons"]), "clean_acc": pick["clean_acc"],
-                         "acc_final": pick["acc_final"], "rad": pick["rad"],
-                         "_flip": any(r["flip_epoch"] is not None for r in runs)})
+        targeted.append(
+          {
+            **base,
+            "success": bool(wins),
+            "success_epoch": pick["success_epoch"],
+            "n_poisons_used": int(pick["n_poisons"]),
+            "clean_acc": pick["clean_acc"],
+            "acc_final": pick["acc_final"],
+            "rad": pick["rad"],
+            "_flip": any(r["flip_epoch"] is not None for r in runs),
+          }
+        )
   return targeted, control_rows
 
 
@@ -726,10 +889,13 @@ def summarize(plan: Plan, targeted: list[dict], control_rows: list[dict]) -> lis
   """One row per defense: success rate with a 95% Wilson interval, poisons needed, RAD,
   the no-poison control's rate, and the defense's clean utility cost (control accuracy
   vs the vanilla arm's control accuracy, per seed)."""
+
   def same(row, d):
-    return (row["defense"] == d.kind and results.canonical(row["clip_norm"])
-            == results.canonical(d.clip_norm) and results.canonical(row["noise_multiplier"])
-            == results.canonical(d.noise_multiplier))
+    return (
+      row["defense"] == d.kind
+      and results.canonical(row["clip_norm"]) == results.canonical(d.clip_norm)
+      and results.canonical(row["noise_multiplier"]) == results.canonical(d.noise_multiplier)
+    )
 
   def control_acc(d, seed):
     accs = [r["acc_final"] for r in control_rows if same(r, d) and r["seed"] == seed]
@@ -752,19 +918,29 @@ def summarize(plan: Plan, targeted: list[dict], control_rows: list[dict]) -> lis
       utility = float(np.mean((v_accs - c_accs) / v_accs))
     else:
       utility = math.nan
-    out.append({
-        "label": d.label, **d.fields(), "n": n, "successes": wins,
-        "success_rate": wins / n if n else math.nan, "ci_low": low, "ci_high": high,
+    out.append(
+      {
+        "label": d.label,
+        **d.fields(),
+        "n": n,
+        "successes": wins,
+        "success_rate": wins / n if n else math.nan,
+        "ci_low": low,
+        "ci_high": high,
         "mean_poisons": float(needed.mean()) if needed.size else math.nan,
         "std_poisons": float(needed.std(ddof=1)) if needed.size > 1 else math.nan,
         "mean_rad": float(rads.mean()) if rads.size else math.nan,
         "flip_rate": sum(bool(r.get("_flip")) for r in rows) / n if n else math.nan,
-        "control_successes": c_wins, "control_n": len(ctrl),
+        "control_successes": c_wins,
+        "control_n": len(ctrl),
         "control_rate": c_wins / len(ctrl) if ctrl else math.nan,
-        "clean_acc": float(np.mean([plan.clean_acc_M[plan.model_index(arm, s)]
-                                    for s in plan.seeds])),
-        "control_acc": float(np.mean(c_accs)), "utility_rad": utility,
-    })
+        "clean_acc": float(
+          np.mean([plan.clean_acc_M[plan.model_index(arm, s)] for s in plan.seeds])
+        ),
+        "control_acc": float(np.mean(c_accs)),
+        "utility_rad": utility,
+      }
+    )
   return out
 
 
@@ -786,16 +962,28 @@ def plot_summary(path: str, panels: Sequence[tuple[str, list[dict]]], multipoiso
     x_D = np.arange(len(summary))
     labels = [s["label"] for s in summary]
     rate_D = np.asarray([s["success_rate"] for s in summary], np.float64)
-    err_2D = np.stack([rate_D - np.asarray([s["ci_low"] for s in summary]),
-                       np.asarray([s["ci_high"] for s in summary]) - rate_D])
+    err_2D = np.stack(
+      [
+        rate_D - np.asarray([s["ci_low"] for s in summary]),
+        np.asarray([s["ci_high"] for s in summary]) - rate_D,
+      ]
+    )
     ax = axes[0, j]
     ax.bar(x_D, rate_D, color="tab:red", alpha=0.75, label="attack success (RAD < 0.05)")
-    ax.errorbar(x_D, rate_D, yerr=err_2D, fmt="none", ecolor="k", capsize=4,
-                label="95% Wilson interval")
-    ax.plot(x_D, [s["control_rate"] for s in summary], "o", mfc="none", mec="tab:blue",
-            label="no-poison control")
-    ax.plot(x_D, [s["flip_rate"] for s in summary], "x", color="tab:gray",
-            label="flipped at any RAD")
+    ax.errorbar(
+      x_D, rate_D, yerr=err_2D, fmt="none", ecolor="k", capsize=4, label="95% Wilson interval"
+    )
+    ax.plot(
+      x_D,
+      [s["control_rate"] for s in summary],
+      "o",
+      mfc="none",
+      mec="tab:blue",
+      label="no-poison control",
+    )
+    ax.plot(
+      x_D, [s["flip_rate"] for s in summary], "x", color="tab:gray", label="flipped at any RAD"
+    )
     ax.set_ylim(0, 1)
     ax.set_ylabel("success rate")
     ax.set_title(title)

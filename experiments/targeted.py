@@ -158,18 +158,40 @@ class Config:
 
 
 PRESETS = {
-    "smoke": Config(
-        out="runs/targeted_smoke", download=False, setups=("fashion_mnist:mlp",), targets=2,
-        clip_norms=(1.0,), noise_multipliers=(), max_train=300, max_test=300,
-        pretrain_epochs=2, retrain_epochs=2, batch_size=50, hidden=(16,), poison_counts=(1, 2),
-        candidates=4, craft_iters=20, wb_steps=4, wb_restarts=1, max_batch=None,
-    ),
-    "quick": Config(
-        download=False, models=("lr", "mlp"), targets=20, clip_norms=(4.0, 1.0),
-        noise_multipliers=(0.1,), max_train=10_000, pretrain_epochs=20, retrain_epochs=8,
-        poison_counts=(1, 2, 4, 8), candidates=20, craft_iters=1_000,
-    ),
-    "paper": Config(seeds=1, attempts=100, max_batch=4),
+  "smoke": Config(
+    out="runs/targeted_smoke",
+    download=False,
+    setups=("fashion_mnist:mlp",),
+    targets=2,
+    clip_norms=(1.0,),
+    noise_multipliers=(),
+    max_train=300,
+    max_test=300,
+    pretrain_epochs=2,
+    retrain_epochs=2,
+    batch_size=50,
+    hidden=(16,),
+    poison_counts=(1, 2),
+    candidates=4,
+    craft_iters=20,
+    wb_steps=4,
+    wb_restarts=1,
+    max_batch=None,
+  ),
+  "quick": Config(
+    download=False,
+    models=("lr", "mlp"),
+    targets=20,
+    clip_norms=(4.0, 1.0),
+    noise_multipliers=(0.1,),
+    max_train=10_000,
+    pretrain_epochs=20,
+    retrain_epochs=8,
+    poison_counts=(1, 2, 4, 8),
+    candidates=20,
+    craft_iters=1_000,
+  ),
+  "paper": Config(seeds=1, attempts=100, max_batch=4),
 }
 
 
@@ -177,17 +199,28 @@ def scenario_defaults(config: Config) -> Config:
   """The §6.5 defense (C 4, sigma 0.01, plus vanilla) for the two transfer scenarios."""
   if config.scenario == "standard":
     return config
-  return dataclasses.replace(config, clip_norms=(), noise_clip=SCENARIO_CLIP,
-                             noise_multipliers=(SCENARIO_NOISE,), adaptive_multipliers=())
+  return dataclasses.replace(
+    config,
+    clip_norms=(),
+    noise_clip=SCENARIO_CLIP,
+    noise_multipliers=(SCENARIO_NOISE,),
+    adaptive_multipliers=(),
+  )
 
 
 def validate(config: Config) -> Config:
-  for name, allowed in (("attack", lib.ATTACKS), ("mode", lib.MODES),
-                        ("scenario", lib.SCENARIOS)):
+  for name, allowed in (("attack", lib.ATTACKS), ("mode", lib.MODES), ("scenario", lib.SCENARIOS)):
     if getattr(config, name) not in allowed:
       raise ValueError(f"{name} must be one of {allowed}, got {getattr(config, name)!r}")
-  for name in ("targets", "seeds", "attempts", "candidates", "pretrain_epochs",
-               "retrain_epochs", "batch_size"):
+  for name in (
+    "targets",
+    "seeds",
+    "attempts",
+    "candidates",
+    "pretrain_epochs",
+    "retrain_epochs",
+    "batch_size",
+  ):
     if getattr(config, name) < 1:
       raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
   if not config.poison_counts or min(config.poison_counts) < 1:
@@ -196,8 +229,9 @@ def validate(config: Config) -> Config:
     raise ValueError("no defense to evaluate: give include_vanilla or a defense grid")
   if not config.out:
     config = dataclasses.replace(
-        config, out=os.path.join("runs", "targeted",
-                                 f"{config.attack}_{config.mode}_{config.scenario}"))
+      config,
+      out=os.path.join("runs", "targeted", f"{config.attack}_{config.mode}_{config.scenario}"),
+    )
   return config
 
 
@@ -210,8 +244,10 @@ def run_setup(config: Config, setup: lib.Setup, ds, folder: str) -> dict:
   q = config.attempts if config.mode == "oneshot" else max(config.poison_counts)
   notes = [setup.note] if setup.note else []
   if ctx.x.shape[0] < ctx.n_train_full:
-    notes.append(f"re-training (and pre-training) on a fixed random subset of {ctx.x.shape[0]} "
-                 f"of the {ctx.n_train_full} clean training points")
+    notes.append(
+      f"re-training (and pre-training) on a fixed random subset of {ctx.x.shape[0]} "
+      f"of the {ctx.n_train_full} clean training points"
+    )
   for note in notes:
     print(f"[{setup.name}] note: {note}")
   seconds = {}
@@ -223,8 +259,15 @@ def run_setup(config: Config, setup: lib.Setup, ds, folder: str) -> dict:
     crafted = {}
     for d, s in params:
       targets_T = lib.choose_targets(ctx, params[d, s], config.target_class, config.targets)
-      crafted[d, s] = lib.craft(ctx, config, params[d, s], targets_T, q, s,
-                                os.path.join(folder, "poisons", f"{d.slug}_seed{s}.npz"))
+      crafted[d, s] = lib.craft(
+        ctx,
+        config,
+        params[d, s],
+        targets_T,
+        q,
+        s,
+        os.path.join(folder, "poisons", f"{d.slug}_seed{s}.npz"),
+      )
   seconds["craft"] = t.seconds
   plan = lib.make_plan(ctx, config, arms, seeds, params, crafted)
   build = lib.build_program(ctx, config, config.base_class)
@@ -232,8 +275,16 @@ def run_setup(config: Config, setup: lib.Setup, ds, folder: str) -> dict:
   csv_path = os.path.join(folder, "attempts.csv")
   check_resumable(config, folder, csv_path)
   run_sweep = lambda jobs, desc: sweep.run(
-      build, jobs, csv_path, to_rows=to_rows, columns=lib.ATTEMPT_COLUMNS,
-      max_batch=config.max_batch, progress=config.progress, desc=desc, shared=plan.shared)
+    build,
+    jobs,
+    csv_path,
+    to_rows=to_rows,
+    columns=lib.ATTEMPT_COLUMNS,
+    max_batch=config.max_batch,
+    progress=config.progress,
+    desc=desc,
+    shared=plan.shared,
+  )
   before = len(results.read_csv(csv_path)) if os.path.exists(csv_path) else 0
   with common.Timer() as t:
     controls = lib.control_jobs(plan, ctx)
@@ -242,9 +293,15 @@ def run_setup(config: Config, setup: lib.Setup, ds, folder: str) -> dict:
     else:
       rows = results.parse(results.read_csv(csv_path))
       for i, k in enumerate(sorted(set(config.poison_counts))):
-        done = {(lib.Defense(r["defense"], float(r["clip_norm"]), float(r["noise_multiplier"])),
-                 r["seed"], r["target_index"]) for r in rows if r["success"] is True
-                and r["n_poisons"] > 0}
+        done = {
+          (
+            lib.Defense(r["defense"], float(r["clip_norm"]), float(r["noise_multiplier"])),
+            r["seed"],
+            r["target_index"],
+          )
+          for r in rows
+          if r["success"] is True and r["n_poisons"] > 0
+        }
         # The controls share the first round's compiled programs.
         jobs = (controls if i == 0 else []) + lib.multipoison_jobs(plan, ctx, k, done)
         if jobs:
@@ -253,32 +310,63 @@ def run_setup(config: Config, setup: lib.Setup, ds, folder: str) -> dict:
   new_rows = len(rows) - before
   targeted, control_rows = lib.aggregate(plan, rows, config.mode)
   summary = lib.summarize(plan, targeted, control_rows)
-  results.write_csv(os.path.join(folder, "targeted.csv"),
-                    [{c: r[c] for c in lib.TARGETED_COLUMNS} for r in targeted],
-                    lib.TARGETED_COLUMNS)
+  results.write_csv(
+    os.path.join(folder, "targeted.csv"),
+    [{c: r[c] for c in lib.TARGETED_COLUMNS} for r in targeted],
+    lib.TARGETED_COLUMNS,
+  )
   results.write_csv(os.path.join(folder, "summary.csv"), summary, lib.SUMMARY_COLUMNS)
-  title = (f"{config.attack} {config.mode} ({config.scenario}): "
-           f"{setup.model.upper()} / {setup.dataset}")
-  lib.plot_summary(os.path.join(folder, "targeted.png"), [(title, summary)],
-                   multipoison=config.mode == "multipoison")
+  title = (
+    f"{config.attack} {config.mode} ({config.scenario}): {setup.model.upper()} / {setup.dataset}"
+  )
+  lib.plot_summary(
+    os.path.join(folder, "targeted.png"),
+    [(title, summary)],
+    multipoison=config.mode == "multipoison",
+  )
   accepted = [int(c.count_T.sum()) for c in crafted.values()]
-  results.write_json(os.path.join(folder, "setup.json"), {
-      "requested": setup.requested, "dataset": setup.dataset, "model": setup.model,
-      "notes": notes, "n_train": int(ctx.x.shape[0]), "n_eval": int(ctx.x_eval.shape[0]),
-      "learning_rate": ctx.learning_rate, "optimizer": ctx.spec_kwargs["optimizer"],
-      "usable_poisons": accepted, "seconds": seconds, "new_attempt_rows": new_rows,
-  })
+  results.write_json(
+    os.path.join(folder, "setup.json"),
+    {
+      "requested": setup.requested,
+      "dataset": setup.dataset,
+      "model": setup.model,
+      "notes": notes,
+      "n_train": int(ctx.x.shape[0]),
+      "n_eval": int(ctx.x_eval.shape[0]),
+      "learning_rate": ctx.learning_rate,
+      "optimizer": ctx.spec_kwargs["optimizer"],
+      "usable_poisons": accepted,
+      "seconds": seconds,
+      "new_attempt_rows": new_rows,
+    },
+  )
   print(f"\n[{setup.name}] {title}")
   print(format_summary(summary, config.mode))
-  print(f"[{setup.name}] wall time: pre-training {seconds['pretrain']:.0f} s, crafting "
-        f"{seconds['craft']:.0f} s, re-training {seconds['retrain']:.0f} s "
-        f"({new_rows} new rows in attempts.csv)")
-  return {"rows": targeted, "summary": summary, "attempts": rows, "controls": control_rows,
-          "seconds": seconds, "new_rows": new_rows, "notes": notes}
+  print(
+    f"[{setup.name}] wall time: pre-training {seconds['pretrain']:.0f} s, crafting "
+    f"{seconds['craft']:.0f} s, re-training {seconds['retrain']:.0f} s "
+    f"({new_rows} new rows in attempts.csv)"
+  )
+  return {
+    "rows": targeted,
+    "summary": summary,
+    "attempts": rows,
+    "controls": control_rows,
+    "seconds": seconds,
+    "new_rows": new_rows,
+    "notes": notes,
+  }
 
 
-RUN_FIELDS = (*lib.PRETRAIN_FIELDS, *lib.CRAFT_FIELDS, "mode", "scenario", "retrain_epochs",
-              "max_test")
+RUN_FIELDS = (
+  *lib.PRETRAIN_FIELDS,
+  *lib.CRAFT_FIELDS,
+  "mode",
+  "scenario",
+  "retrain_epochs",
+  "max_test",
+)
 
 
 def check_resumable(config: Config, folder: str, csv_path: str) -> None:
@@ -292,11 +380,14 @@ def check_resumable(config: Config, folder: str, csv_path: str) -> None:
   signature = results.parse([{k: results.format_value(v) for k, v in signature.items()}])[0]
   if os.path.exists(path) and os.path.exists(csv_path):
     old = results.read_json(path)
-    changed = sorted(k for k in signature if results.canonical(old.get(k))
-                     != results.canonical(signature[k]))
+    changed = sorted(
+      k for k in signature if results.canonical(old.get(k)) != results.canonical(signature[k])
+    )
     if changed:
-      raise ValueError(f"{folder} holds results of other settings ({', '.join(changed)} "
-                       "differ); pass a new --out or remove the folder")
+      raise ValueError(
+        f"{folder} holds results of other settings ({', '.join(changed)} "
+        "differ); pass a new --out or remove the folder"
+      )
   results.write_json(path, signature)
 
 
@@ -304,12 +395,14 @@ def format_summary(summary: list[dict], mode: str) -> str:
   table = []
   for s in summary:
     row = {
-        "defense": s["label"],
-        "success": f"{s['successes']}/{s['n']} = {s['success_rate']:.2f} "
-                   f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
-        "flip (any RAD)": s["flip_rate"],
-        "control": f"{s['control_successes']}/{s['control_n']}",
-        "mean RAD": s["mean_rad"], "clean acc": s["clean_acc"], "utility RAD": s["utility_rad"],
+      "defense": s["label"],
+      "success": f"{s['successes']}/{s['n']} = {s['success_rate']:.2f} "
+      f"[{s['ci_low']:.2f}, {s['ci_high']:.2f}]",
+      "flip (any RAD)": s["flip_rate"],
+      "control": f"{s['control_successes']}/{s['control_n']}",
+      "mean RAD": s["mean_rad"],
+      "clean acc": s["clean_acc"],
+      "utility RAD": s["utility_rad"],
     }
     if mode == "multipoison":
       row["poisons needed"] = s["mean_poisons"]
@@ -327,10 +420,14 @@ def run(config: Config) -> dict:
     for setup in setups:
       folder = os.path.join(out, setup.name)
       by_setup[setup.name] = run_setup(config, setup, datasets[setup.dataset], folder)
-  stacked = [{"dataset": s.dataset, "model": s.model, **row}
-             for s in setups for row in by_setup[s.name]["summary"]]
-  results.write_csv(os.path.join(out, "summary.csv"), stacked,
-                    ("dataset", "model", *lib.SUMMARY_COLUMNS))
+  stacked = [
+    {"dataset": s.dataset, "model": s.model, **row}
+    for s in setups
+    for row in by_setup[s.name]["summary"]
+  ]
+  results.write_csv(
+    os.path.join(out, "summary.csv"), stacked, ("dataset", "model", *lib.SUMMARY_COLUMNS)
+  )
   print(f"wall time {timer.seconds:.1f} s (pre-training and crafting included); results in {out}")
   return {"setups": by_setup, "seconds": timer.seconds, "out": out}
 
@@ -342,15 +439,28 @@ def _floats(values):
 def main(argv):
   del argv
   fl = flags.FLAGS
-  config = common.config_from_flags(PRESETS, {
-      "attack": fl.attack, "mode": fl.mode, "scenario": fl.scenario, "targets": fl.targets,
-      "clip_norms": _floats(fl.clip_norms), "noise_multipliers": _floats(fl.noise_multipliers),
-      "noise_clip": fl.noise_clip, "adaptive_multipliers": _floats(fl.adaptive_multipliers),
-      "setups": tuple(fl.setups) if fl.setups else None, "max_train": fl.max_train,
-      "pretrain_epochs": fl.pretrain_epochs, "retrain_epochs": fl.retrain_epochs,
-      "attempts": fl.attempts, "poison_counts": tuple(int(k) for k in fl.poison_counts or ()),
-      "candidates": fl.candidates, "craft_iters": fl.craft_iters, "max_batch": fl.max_batch,
-  })
+  config = common.config_from_flags(
+    PRESETS,
+    {
+      "attack": fl.attack,
+      "mode": fl.mode,
+      "scenario": fl.scenario,
+      "targets": fl.targets,
+      "clip_norms": _floats(fl.clip_norms),
+      "noise_multipliers": _floats(fl.noise_multipliers),
+      "noise_clip": fl.noise_clip,
+      "adaptive_multipliers": _floats(fl.adaptive_multipliers),
+      "setups": tuple(fl.setups) if fl.setups else None,
+      "max_train": fl.max_train,
+      "pretrain_epochs": fl.pretrain_epochs,
+      "retrain_epochs": fl.retrain_epochs,
+      "attempts": fl.attempts,
+      "poison_counts": tuple(int(k) for k in fl.poison_counts or ()),
+      "candidates": fl.candidates,
+      "craft_iters": fl.craft_iters,
+      "max_batch": fl.max_batch,
+    },
+  )
   defense_flags = ("clip_norms", "noise_multipliers", "noise_clip", "adaptive_multipliers")
   if not any(fl[name].present for name in defense_flags):
     config = scenario_defaults(config)
@@ -381,4 +491,3 @@ def define_flags():
 if __name__ == "__main__":
   define_flags()
   app.run(main)
-

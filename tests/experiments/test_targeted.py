@@ -14,25 +14,25 @@ from jaxshape import results
 
 
 @pytest.mark.parametrize(
-    "pred_E, acc_E, clean_acc, expected",
-    [
-        # Flipped at epoch 2 with the accuracy intact.
-        ([4, 3, 4], [0.85, 0.84, 0.85], 0.85, (True, 2)),
-        # Flipped only while the accuracy had collapsed (RAD 0.5): not a success.
-        ([4, 3, 4], [0.85, 0.42, 0.85], 0.85, (False, None)),
-        # Any epoch counts: a collapsed flip at epoch 1, a clean one at epoch 3.
-        ([3, 4, 3], [0.40, 0.85, 0.83], 0.85, (True, 3)),
-        # RAD exactly 0.05 is not below 0.05.
-        ([3, 3], [0.95, 0.95], 1.0, (False, None)),
-        # RAD just below 0.05 is.
-        ([3], [0.9501], 1.0, (True, 1)),
-        # Misclassified, but not as the attacker's class.
-        ([5, 6, 2], [0.9, 0.9, 0.9], 0.9, (False, None)),
-        # Accuracy above the clean model's (negative RAD) is fine.
-        ([4, 3], [0.9, 0.9], 0.8, (True, 2)),
-        # Never flipped.
-        ([4, 4, 4], [1.0, 1.0, 1.0], 1.0, (False, None)),
-    ],
+  "pred_E, acc_E, clean_acc, expected",
+  [
+    # Flipped at epoch 2 with the accuracy intact.
+    ([4, 3, 4], [0.85, 0.84, 0.85], 0.85, (True, 2)),
+    # Flipped only while the accuracy had collapsed (RAD 0.5): not a success.
+    ([4, 3, 4], [0.85, 0.42, 0.85], 0.85, (False, None)),
+    # Any epoch counts: a collapsed flip at epoch 1, a clean one at epoch 3.
+    ([3, 4, 3], [0.40, 0.85, 0.83], 0.85, (True, 3)),
+    # RAD exactly 0.05 is not below 0.05.
+    ([3, 3], [0.95, 0.95], 1.0, (False, None)),
+    # RAD just below 0.05 is.
+    ([3], [0.9501], 1.0, (True, 1)),
+    # Misclassified, but not as the attacker's class.
+    ([5, 6, 2], [0.9, 0.9, 0.9], 0.9, (False, None)),
+    # Accuracy above the clean model's (negative RAD) is fine.
+    ([4, 3], [0.9, 0.9], 0.8, (True, 2)),
+    # Never flipped.
+    ([4, 4, 4], [1.0, 1.0, 1.0], 1.0, (False, None)),
+  ],
 )
 def test_decide_success(pred_E, acc_E, clean_acc, expected):
   assert lib.decide_success(pred_E, acc_E, attacker_class=3, clean_acc=clean_acc) == expected
@@ -63,32 +63,50 @@ def test_arms_pair_defenses_by_scenario():
   assert [a.pre for a in lib.make_arms("dp_then_vanilla", grid)] == grid
   assert [a.key for a in lib.make_arms("dp_then_vanilla", grid)] == grid
   config = targeted.scenario_defaults(
-      dataclasses.replace(targeted.PRESETS["quick"], scenario="vanilla_then_dp"))
+    dataclasses.replace(targeted.PRESETS["quick"], scenario="vanilla_then_dp")
+  )
   assert lib.defense_grid(config) == [lib.VANILLA, lib.Defense("dp", 4.0, 0.01)]
 
 
 def _plan(targets_T, arms):
-  crafted = lib.Crafted(np.asarray(targets_T, np.int32), np.zeros((len(targets_T), 1)),
-                        np.full((len(targets_T), 1), -1), np.zeros((len(targets_T), 1)),
-                        np.ones(len(targets_T), np.int32))
+  crafted = lib.Crafted(
+    np.asarray(targets_T, np.int32),
+    np.zeros((len(targets_T), 1)),
+    np.full((len(targets_T), 1), -1),
+    np.zeros((len(targets_T), 1)),
+    np.ones(len(targets_T), np.int32),
+  )
   models_m = list(dict.fromkeys((a.pre, 0) for a in arms))
   return lib.Plan(arms, [0], models_m, [0.8] * len(models_m), [crafted] * len(models_m), [], {})
 
 
 def _attempt(target, attempt, n, success, epoch, acc, d=lib.VANILLA):
-  return {"target_index": target, **d.fields(), "seed": 0, "attempt": attempt, "n_poisons": n,
-          "success": success, "success_epoch": epoch, "flip_epoch": epoch, "clean_acc": 0.8,
-          "acc_final": acc, "acc_min": acc, "rad": (0.8 - acc) / 0.8}
+  return {
+    "target_index": target,
+    **d.fields(),
+    "seed": 0,
+    "attempt": attempt,
+    "n_poisons": n,
+    "success": success,
+    "success_epoch": epoch,
+    "flip_epoch": epoch,
+    "clean_acc": 0.8,
+    "acc_final": acc,
+    "acc_min": acc,
+    "rad": (0.8 - acc) / 0.8,
+  }
 
 
 def test_aggregate_oneshot_any_attempt():
   plan = _plan([10, 11, 12], [lib.Arm(lib.VANILLA, lib.VANILLA)])
   rows = [
-      _attempt(10, 0, 1, False, None, 0.80), _attempt(10, 1, 1, True, 5, 0.79),
-      _attempt(10, 2, 1, True, 2, 0.78),
-      _attempt(11, 0, 1, False, None, 0.70),
-      # Target 12 had no usable poison: no attempt rows at all.
-      _attempt(10, -1, 0, False, None, 0.81), _attempt(11, -1, 0, True, 1, 0.81),
+    _attempt(10, 0, 1, False, None, 0.80),
+    _attempt(10, 1, 1, True, 5, 0.79),
+    _attempt(10, 2, 1, True, 2, 0.78),
+    _attempt(11, 0, 1, False, None, 0.70),
+    # Target 12 had no usable poison: no attempt rows at all.
+    _attempt(10, -1, 0, False, None, 0.81),
+    _attempt(11, -1, 0, True, 1, 0.81),
   ]
   out, controls = lib.aggregate(plan, rows, "oneshot")
   by_target = {r["target_index"]: r for r in out}
@@ -106,9 +124,11 @@ def test_aggregate_oneshot_any_attempt():
 def test_aggregate_multipoison_smallest_k():
   plan = _plan([10, 11], [lib.Arm(lib.VANILLA, lib.VANILLA)])
   rows = [
-      _attempt(10, 0, 1, False, None, 0.80), _attempt(10, 0, 2, False, None, 0.80),
-      _attempt(10, 0, 4, True, 3, 0.79),
-      _attempt(11, 0, 1, False, None, 0.80), _attempt(11, 0, 2, False, None, 0.75),
+    _attempt(10, 0, 1, False, None, 0.80),
+    _attempt(10, 0, 2, False, None, 0.80),
+    _attempt(10, 0, 4, True, 3, 0.79),
+    _attempt(11, 0, 1, False, None, 0.80),
+    _attempt(11, 0, 2, False, None, 0.75),
   ]
   out, _ = lib.aggregate(plan, rows, "multipoison")
   by_target = {r["target_index"]: r for r in out}
@@ -135,8 +155,18 @@ def test_targeted_smoke_schema_counts_summary_and_rerun(smoke_config):
   path = f"{folder}/targeted.csv"
   assert results.read_header(path) == list(targeted.lib.TARGETED_COLUMNS)
   assert results.read_header(path) == [
-      "target_index", "defense", "clip_norm", "noise_multiplier", "seed", "success",
-      "success_epoch", "n_poisons_used", "clean_acc", "acc_final", "rad"]
+    "target_index",
+    "defense",
+    "clip_norm",
+    "noise_multiplier",
+    "seed",
+    "success",
+    "success_epoch",
+    "n_poisons_used",
+    "clean_acc",
+    "acc_final",
+    "rad",
+  ]
   rows = results.parse(results.read_csv(path))
   grid = lib.defense_grid(config)
   assert len(rows) == config.targets * len(grid) * config.seeds
@@ -150,9 +180,13 @@ def test_targeted_smoke_schema_counts_summary_and_rerun(smoke_config):
   summary = results.parse(results.read_csv(f"{folder}/summary.csv"))
   assert len(summary) == len(grid)
   for s in summary:
-    mine = [r for r in rows if r["defense"] == s["defense"]
-            and math.isclose(r["clip_norm"], s["clip_norm"])
-            and math.isclose(r["noise_multiplier"], s["noise_multiplier"])]
+    mine = [
+      r
+      for r in rows
+      if r["defense"] == s["defense"]
+      and math.isclose(r["clip_norm"], s["clip_norm"])
+      and math.isclose(r["noise_multiplier"], s["noise_multiplier"])
+    ]
     wins = sum(r["success"] for r in mine)
     assert (s["n"], s["successes"]) == (len(mine), wins)
     assert (s["ci_low"], s["ci_high"]) == pytest.approx(results.wilson_interval(wins, len(mine)))
@@ -177,8 +211,12 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
   csv_path.write_text("x\n")
   targeted.check_resumable(config, str(tmp_path), str(csv_path))
   # More targets, seeds or defenses only add rows: allowed.
-  targeted.check_resumable(dataclasses.replace(config, targets=5, seeds=3, clip_norms=(1.0, 4.0)),
-                           str(tmp_path), str(csv_path))
+  targeted.check_resumable(
+    dataclasses.replace(config, targets=5, seeds=3, clip_norms=(1.0, 4.0)),
+    str(tmp_path),
+    str(csv_path),
+  )
   with pytest.raises(ValueError, match="retrain_epochs"):
-    targeted.check_resumable(dataclasses.replace(config, retrain_epochs=7), str(tmp_path),
-                             str(csv_path))
+    targeted.check_resumable(
+      dataclasses.replace(config, retrain_epochs=7), str(tmp_path), str(csv_path)
+    )
