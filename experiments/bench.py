@@ -13,6 +13,9 @@ one process, it times whole jitted training steps (gradient + optax update):
   clip_fast clipped_sum_and_norms(method="fast") -> mean -> optax.sgd: per-example
             clipping without noise (gradient shaping's clipping alone), which
             separates the cost of clipping from that of drawing the noise
+  noise_only the DP step's Gaussian noise alone: `add_gaussian_noise` on an
+            all-zero gradient sum + optax.sgd, i.e. one N(0, (sigma C)^2) draw
+            per parameter (threefry), the floor under any exact DP-SGD step
 
 and, for the MLP at batch `--memory_batch` (timed over at most 5 rounds),
 the peak memory of each step.
@@ -67,7 +70,7 @@ from jaxshape import models
 from jaxshape import results
 
 MODELS = ("lr", "mlp", "cnn_28x28x1", "cnn_32x32x3")
-JAX_METHODS = ("sgd", "sgd_fast", "dp_vmap", "dp_fast", "clip_fast")
+JAX_METHODS = ("sgd", "sgd_fast", "dp_vmap", "dp_fast", "clip_fast", "noise_only")
 TORCH_METHODS = ("opacus_sgd", "opacus_hooks", "opacus_ghost")
 COLUMNS = ("model", "batch", "method", "ms_per_step", "peak_mem_mb")
 LEARNING_RATE = 0.1
@@ -148,8 +151,23 @@ def _jax_steps(name: str, seed: int) -> tuple[dict[str, Callable], dict[str, Cal
     return apply(sgd, mean, opt_state, params)
 
   steps = {"sgd": sgd_step, "sgd_fast": sgd_fast_step, "dp_vmap": dp_vmap_step}
-  steps.update(dp_fast=dp_fast_step, clip_fast=clip_fast_step)
+  noise = optax.chain(
+    jaxshape.add_gaussian_noise(NOISE_MULTIPLIER, L2_NORM_CLIP, jax.random.key(seed + 1)),
+    optax.sgd(LEARNING_RATE),
+  )
+
+  def noise_only_step(params, opt_state, batch):
+    zero_sum = jaxshape.ClippedSum(
+      jax.tree.map(jnp.zeros_like, params),
+      jnp.zeros(batch["y"].shape, jnp.float32),
+      jnp.ones(batch["y"].shape, jnp.float32),
+      jnp.asarray(L2_NORM_CLIP, jnp.float32),
+    )
+    return apply(noise, zero_sum, opt_state, params)
+
+  steps.update(dp_fast=dp_fast_step, clip_fast=clip_fast_step, noise_only=noise_only_step)
   inits = {m: (dp.init if m.startswith("dp") else sgd.init) for m in steps}
+  inits["noise_only"] = noise.init
   return steps, inits, params
 
 

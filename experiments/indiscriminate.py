@@ -198,7 +198,14 @@ def _pad(a, size):
   return np.concatenate([a, np.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
-def _build(config: Config, num_classes: int):
+def _map_rows(fn, rows, chunk: int = 1024):
+  """`fn(rows)` evaluated on chunks of `rows` (bounds the gathered rows held at once)."""
+  pad = -rows.shape[0] % chunk
+  padded = jnp.concatenate([rows, jnp.repeat(rows[:1], pad)]).reshape(-1, chunk)
+  return jax.lax.map(fn, padded).reshape(-1)[: rows.shape[0]]
+
+
+def _build(config: Config, num_classes: int, n_clean: int, p_max: int):
   model = models.LR(num_classes)
   loss_fn = models.ClassifierLoss(model)
 
@@ -212,25 +219,31 @@ def _build(config: Config, num_classes: int):
     )
 
     def program(values, key, shared):
+      # The pool holds the clean points once, then every variant's poisons
+      # (`craft`); a job's training set is clean + its variant's first
+      # n_poisons poisons, named by row index, so the vmapped grid shares one
+      # copy of the data (`train.num_examples`).
       v = values["variant"].astype(jnp.int32)
-      px, py = shared["px_V"][v], shared["py_V"][v]
-      p = px.shape[0]
-      n = shared["x"].shape[0]
-      active_P = (jnp.arange(p) < values["n_poisons"]).astype(jnp.float32)
+      rows_P = n_clean + v * p_max + jnp.arange(p_max)
+      active_P = (jnp.arange(p_max) < values["n_poisons"]).astype(jnp.float32)
       fit_data = {
-        "x": jnp.concatenate([shared["x"], px]),
-        "y": jnp.concatenate([shared["y"], py]),
-        "mask": jnp.concatenate([jnp.ones([n]), active_P]),
+        "x": shared["pool_x"],
+        "y": shared["pool_y"],
+        "index": jnp.concatenate([jnp.arange(n_clean), rows_P]),
+        "mask": jnp.concatenate([jnp.ones([n_clean]), active_P]),
       }
-      is_poison = jnp.concatenate([jnp.zeros([n]), active_P])
+      x_clean, y_clean = shared["pool_x"][:n_clean], shared["pool_y"][:n_clean]
 
       def eval_fn(params):
-        correct = models.predict(model, params, fit_data["x"]) == fit_data["y"]
-        clean = 1.0 - is_poison
+        # Training accuracy on clean and on poison points (Appendix E, Fig. 11).
+        correct_P = _map_rows(
+          lambda r: models.predict(model, params, shared["pool_x"][r]) == shared["pool_y"][r],
+          rows_P,
+        )
         return {
           "test_acc": train.accuracy(model, params, shared["x_test"], shared["y_test"]),
-          "train_acc_clean": jnp.sum(correct * clean) / jnp.sum(clean),
-          "train_acc_poison": jnp.sum(correct * is_poison) / jnp.maximum(jnp.sum(is_poison), 1),
+          "train_acc_clean": train.accuracy(model, params, x_clean, y_clean),
+          "train_acc_poison": jnp.sum(correct_P * active_P) / jnp.maximum(jnp.sum(active_P), 1),
         }
 
       hparams = train.HParams.create(
@@ -321,7 +334,6 @@ def run(config: Config) -> dict:
   ds, x, y = _load(config)
   epochs_csv = os.path.join(out, "epochs.csv")
   grid = defenses(config)
-  build = _build(config, ds.num_classes)
   crafted = {}
   with common.Timer() as timer:
     for attack in config.attacks:
@@ -351,13 +363,12 @@ def run(config: Config) -> dict:
             "seed": seed,
           }
           jobs.append(sweep.Job(defense, values, seed, key))
+      build = _build(config, ds.num_classes, x.shape[0], px_V.shape[1])
       shared = {
-        "x": x,
-        "y": y,
+        "pool_x": np.concatenate([x, px_V.reshape(-1, *x.shape[1:])]),
+        "pool_y": np.concatenate([y, py_V.reshape(-1)]),
         "x_test": np.asarray(ds.x_test),
         "y_test": np.asarray(ds.y_test),
-        "px_V": px_V,
-        "py_V": py_V,
       }
 
       def to_rows(job, records, n=x.shape[0]):

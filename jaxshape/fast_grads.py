@@ -88,10 +88,24 @@ def _check_supported(loss_fn, params, batch, alternative: str) -> None:
     raise ValueError(f"the fast path does not support this call: {reason}; use {alternative}")
 
 
+def _outer_sum(a_BD, d_BO):
+  """sum_b a_b d_b^T, `[D, O]`: a dense kernel's gradient from its inputs and deltas.
+
+  For a narrow output (O <= D / 8: LR's 784 x 2, the CNN's 4608 x 64 and
+  64 x 10) it is formed as `[O, D]` and transposed; the barrier stops XLA from
+  folding the transpose back. On CPU that ran 2-3x faster than contracting
+  `a` over its leading axis directly, and slower for the MLP's 784 x 256
+  (batch 100 and 300, measured), which keeps the direct form.
+  """
+  if 8 * d_BO.shape[-1] > a_BD.shape[-1]:
+    return jnp.einsum("bd,bo->do", a_BD, d_BO)
+  return jax.lax.optimization_barrier(jnp.einsum("bo,bd->od", d_BO, a_BD)).T
+
+
 def _dense_products(plan, a_B, d_B):
   """Kernel and bias gradients of the dense layers from stacked inputs and scaled deltas."""
   return {
-    name: {"kernel": jnp.einsum("bd,bo->do", a_B[name], d_B[name]), "bias": d_B[name].sum(0)}
+    name: {"kernel": _outer_sum(a_B[name], d_B[name]), "bias": d_B[name].sum(0)}
     for name, kind in plan
     if kind == "dense"
   }

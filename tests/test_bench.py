@@ -68,3 +68,25 @@ def test_bench_compare_opacus(tmp_path):
   assert methods == ["clip_fast", *bench.TORCH_METHODS]
   assert all(r["ms_per_step"] > 0 for r in rows)
   assert all(r["peak_mem_mb"] is None for r in rows if r["method"].startswith("opacus"))
+
+
+def test_noise_only_step_moves_params_by_the_dp_noise():
+  """The noise_only step is one N(0, (sigma C)^2 / B^2) draw per parameter, times -lr."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  steps, inits, params = bench._jax_steps("mlp", 0)
+  batch_size = 50
+  batch = jax.tree.map(jnp.asarray, bench._batch("mlp", batch_size, 0))
+  new_params, _ = jax.jit(steps["noise_only"])(params, inits["noise_only"](params), batch)
+  delta = np.concatenate(
+    [
+      np.ravel(a - b)
+      for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True)
+    ]
+  )
+  expected = bench.LEARNING_RATE * bench.NOISE_MULTIPLIER * bench.L2_NORM_CLIP / batch_size
+  assert delta.size > 200_000
+  np.testing.assert_allclose(delta.mean(), 0.0, atol=5 * expected / np.sqrt(delta.size))
+  np.testing.assert_allclose(delta.std(), expected, rtol=0.01)
