@@ -468,10 +468,12 @@ def subset_batch_grads(loss_fn, measure: str, l2_norm_clip, params, batch) -> di
 
 
 def epoch_artifacts(epoch_means: dict[str, Any]) -> dict[str, jax.Array]:
-  """`analysis.artifacts` of an epoch's averaged (or summed) `subset_batch_grads`.
+  """`analysis.artifacts` of an epoch's averaged `subset_batch_grads` (PROTOCOL, §3).
 
-  Each subset's mean gradient is its tree divided by its flag, i.e. the mean
-  over the batches that hold the subset; NaN when no batch did.
+  `epoch_means` is `train.fit`'s `batch_metrics` record of one epoch (the mean
+  over its batches, accumulated in the scan carry; a sum works as well). Each
+  subset's mean gradient is its tree divided by its flag, i.e. the mean over
+  the batches that hold the subset; NaN when no batch did.
   """
 
   def mean(part):
@@ -480,57 +482,6 @@ def epoch_artifacts(epoch_means: dict[str, Any]) -> dict[str, jax.Array]:
     return jax.tree.map(lambda g: g * scale, epoch_means[part])
 
   return analysis.artifacts({"clean": mean("clean"), "poison": mean("poison")})
-
-
-def fit_summing_metrics(spec, hparams, key, data, *, init_params, eval_fn, batch_metrics_fn):
-  """`train.fit` whose batch metrics are summed over each epoch in the scan carry.
-
-  The same training run as `train.fit(spec, hparams, key, data, ...)` (same
-  keys, batches, masking and updates, built from `train.init_state`,
-  `train.epoch_batches` and `train.train_step`), but `train.fit` stacks every
-  step's batch metrics before averaging them: for the MLP that is 601 steps x
-  two parameter-sized trees, 1.3 GB a job and most of its time. Here they are
-  summed as they come. Ratios of sums are what `epoch_artifacts` needs, so
-  sums stand in for the means.
-
-  Args:
-    spec, hparams, key, init_params, eval_fn, batch_metrics_fn: as `train.fit`.
-    data: dict with `x`, `y`, `mask` and the per-example arrays
-      `batch_metrics_fn` reads.
-
-  Returns:
-    Records `{**eval_fn outputs, "batch_metrics": sums}`, each `[E, ...]`.
-  """
-  key_init, key_shuffle, key_noise = jax.random.split(key, 3)
-  if init_params is None:
-    init_params = models.init_params(spec.model, key_init, data["x"].shape[1:])
-  steps_per_epoch = spec.steps_per_epoch(data["x"].shape[0])
-  state = train.init_state(spec, hparams, init_params, key_noise, steps_per_epoch)
-  real_steps = jnp.ceil(jnp.sum(data["mask"] > 0) / spec.batch_size).astype(jnp.int32)
-  example = {k: v[: spec.batch_size] for k, v in data.items()}
-  zeros = jax.tree.map(
-    lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(batch_metrics_fn, init_params, example)
-  )
-
-  def step(carry, xs):
-    state, total = carry
-    idx_B, mask_B = xs
-    batch = {k: v[idx_B] for k, v in data.items() if k != "mask"}
-    batch["mask"] = mask_B
-    extra = batch_metrics_fn(state.params, batch)
-    new_state, _ = train.train_step(spec, hparams, state, batch, key_noise, real_steps)
-    has_real = jnp.any(mask_B > 0)
-    state = jax.tree.map(lambda a, b: jnp.where(has_real, a, b), new_state, state)
-    total = jax.tree.map(lambda t, e: t + jnp.where(has_real, e, jnp.zeros_like(e)), total, extra)
-    return (state, total), None
-
-  def epoch(state, epoch_key):
-    idx_SB, mask_SB = train.epoch_batches(epoch_key, data["mask"], spec.batch_size)
-    (state, total), _ = jax.lax.scan(step, (state, zeros), (idx_SB, mask_SB))
-    return state, {**eval_fn(state.params), "batch_metrics": total}
-
-  _, records = jax.lax.scan(epoch, state, jax.random.split(key_shuffle, spec.epochs))
-  return records
 
 
 def _build(config: Config, scenario: str, num_classes: int):
@@ -570,7 +521,7 @@ def _build(config: Config, scenario: str, num_classes: int):
       batch_fn = functools.partial(
         subset_batch_grads, loss_fn, config.measure, hparams.l2_norm_clip
       )
-      records = fit_summing_metrics(
+      records = train.fit(
         spec,
         hparams,
         key,
@@ -578,7 +529,7 @@ def _build(config: Config, scenario: str, num_classes: int):
         init_params=init,
         eval_fn=train.evaluator(model, shared["x_test"], shared["y_test"]),
         batch_metrics_fn=batch_fn,
-      )
+      ).records
       out = jax.vmap(epoch_artifacts)(records["batch_metrics"])
       out["test_acc"] = records["test_acc"]
       return out

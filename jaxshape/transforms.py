@@ -158,6 +158,17 @@ def _batch_size(updates) -> jax.Array:
   return jnp.asarray(leaf.shape[0], jnp.float32)
 
 
+def _noise_std(noise_multiplier: ArrayLike, scale: ArrayLike) -> jax.Array:
+  """sigma x scale, and exactly 0 when sigma = 0 whatever the scale (inf included).
+
+  With C = inf (no clipping) and sigma = 0, sigma * C would be NaN; `jnp.where`
+  keeps both traceable (no Python branch), so grids may mix such rows.
+  """
+  sigma = jnp.asarray(noise_multiplier, jnp.float32)
+  scale = jnp.asarray(scale, jnp.float32)
+  return jnp.where(sigma == 0, jnp.zeros_like(sigma * scale), sigma * scale)
+
+
 def _add_noise(total, std, key):
   leaves, treedef = jax.tree.flatten(total)
   keys = jax.random.split(key, len(leaves))
@@ -187,8 +198,9 @@ def add_gaussian_noise(
   step t is drawn with `jax.random.fold_in(key, t)`: same key, same bits.
 
   Args:
-    noise_multiplier: sigma >= 0 (may be traced).
-    l2_norm_clip: C > 0 (may be traced).
+    noise_multiplier: sigma >= 0 (may be traced); 0 adds no noise at all, even
+      with C = inf (where sigma * C would be NaN).
+    l2_norm_clip: C > 0 (may be traced; inf: no clipping).
     key: a PRNG key (required).
 
   Returns:
@@ -212,7 +224,7 @@ def add_gaussian_noise(
     del params
     total, _, nonfinite, _ = _aggregate(updates)
     denom = _batch_size(updates)
-    std = jnp.asarray(noise_multiplier, jnp.float32) * jnp.asarray(l2_norm_clip, jnp.float32)
+    std = _noise_std(noise_multiplier, l2_norm_clip)
     noisy = _add_noise(total, std, _step_key(state.key, state.count))
     out = jax.tree.map(lambda g: g / denom.astype(g.dtype), noisy)
     return out, AddGaussianNoiseState(state.count + 1, state.key, state.num_nonfinite + nonfinite)
@@ -286,7 +298,7 @@ def add_adaptive_noise(
     norm_count = jnp.where(new_epoch, 0.0, state.epoch_norm_count) + jnp.sum(keep_B)
     in_first_epoch = state.count < spe
     scale = jnp.where(in_first_epoch, norm_sum / jnp.maximum(norm_count, 1.0), prev_mean)
-    std = jnp.asarray(noise_multiplier, jnp.float32) * scale
+    std = _noise_std(noise_multiplier, scale)
     noisy = _add_noise(total, std, _step_key(state.key, state.count))
     denom = _batch_size(updates)
     out = jax.tree.map(lambda g: g / denom.astype(g.dtype), noisy)

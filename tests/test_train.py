@@ -1,6 +1,7 @@
 """Tests jaxshape/train.py: the step, epochs over every example, fit under vmap."""
 
 import functools
+import math
 
 import chex
 import jax
@@ -56,8 +57,10 @@ def test_fit_learns_and_records(data):
   assert result.records["train_loss"][-1] < result.records["train_loss"][0]
 
 
-def test_dp_without_noise_and_huge_clip_equals_vanilla(data):
-  hp = train.HParams.create(0.3, 1e9, 0.0)
+@pytest.mark.parametrize("clip", [1e9, math.inf])
+def test_dp_without_noise_and_huge_clip_equals_vanilla(data, clip):
+  # sigma = 0 is no noise even with C = inf (sigma * C would be NaN).
+  hp = train.HParams.create(0.3, clip, 0.0)
   key = jax.random.key(4)
   vanilla = train.fit(_spec("vanilla"), hp, key, data)
   dp = train.fit(_spec("dp"), hp, key, data)
@@ -145,3 +148,76 @@ def test_padding_is_never_drawn_and_changes_nothing(data, defense):
   np.testing.assert_array_equal(a.records["batch_metrics"], 0.0)
   # Only steps with real examples count: ceil(70 / 16) = 5 per epoch, not ceil(110 / 16) = 7.
   np.testing.assert_array_equal(a.records["step"], [5, 10])
+
+
+def _stacked_epoch(spec, hp, state, data, key, noise_key, batch_metrics_fn):
+  """The former `train_epoch`: stack every step's outputs over the scan, then average."""
+  idx_SB, mask_SB = train.epoch_batches(key, data["mask"], spec.batch_size)
+  real_steps = jnp.ceil(jnp.sum(data["mask"] > 0) / spec.batch_size).astype(jnp.int32)
+
+  def body(state, xs):
+    idx_B, mask_B = xs
+    batch = {k: v[idx_B] for k, v in data.items() if k != "mask"}
+    batch["mask"] = mask_B
+    extra = batch_metrics_fn(state.params, batch)
+    new_state, metrics = train.train_step(spec, hp, state, batch, noise_key, real_steps)
+    has_real = jnp.any(mask_B > 0)
+    new_state = jax.tree.map(lambda a, b: jnp.where(has_real, a, b), new_state, state)
+    return new_state, (metrics, extra)
+
+  state, (metrics_S, extra_S) = jax.lax.scan(body, state, (idx_SB, mask_SB))
+  real_S = jnp.any(mask_SB > 0, axis=1).astype(jnp.float32)
+
+  def mean(m_S):
+    w_S = real_S.reshape((-1,) + (1,) * (m_S.ndim - 1))
+    return jnp.sum(jnp.where(w_S > 0, m_S, 0) * w_S, axis=0) / jnp.sum(real_S)
+
+  return state, jax.tree.map(mean, metrics_S), jax.tree.map(mean, extra_S), metrics_S
+
+
+@pytest.mark.parametrize("defense", ["vanilla", "dp"])
+def test_epoch_sums_in_carry_equal_stacked_mean(data, defense):
+  """Accumulating in the scan carry gives the mean of the stacked per-step outputs.
+
+  The set is padded (40 masked rows: steps 6-7 of 7 hold no real example) and
+  the batch metric is a pytree with a NaN on padded steps, which must not leak.
+  """
+  pad = 40
+  padded = {
+    "x": jnp.concatenate([data["x"], jnp.zeros((pad, 6))]),
+    "y": jnp.concatenate([data["y"], jnp.zeros(pad, jnp.int32)]),
+    "mask": jnp.concatenate([jnp.ones(N), jnp.zeros(pad)]),
+  }
+  spec = _spec(defense, epochs=1, optimizer="adam", track_norms=True)
+  hp = train.HParams.create(0.05, 1.0, 0.3)
+  loss_fn = spec.loss_fn
+
+  def metrics_fn(params, batch):
+    grad = jax.grad(loss_fn)(params, batch)
+    real = jnp.sum(batch["mask"])
+    return {
+      "grad": grad,
+      "real": real,
+      "nan_if_empty": jnp.where(real > 0, jnp.sum(batch["x"] * batch["mask"][:, None]), jnp.nan),
+    }
+
+  params = models.init_params(spec.model, jax.random.key(3), (6,))
+  steps = spec.steps_per_epoch(N + pad)
+  noise_key = jax.random.key(5)
+  state = train.init_state(spec, hp, params, noise_key, steps)
+  key = jax.random.key(6)
+  got_state, got_metrics, got_extra = jax.jit(
+    lambda s: train.train_epoch(spec, hp, s, padded, key, noise_key, metrics_fn)
+  )(state)
+  want_state, want_metrics, want_extra, metrics_S = jax.jit(
+    lambda s: _stacked_epoch(spec, hp, s, padded, key, noise_key, metrics_fn)
+  )(state)
+  assert metrics_S.loss.shape == (7,)  # 5 real steps, 2 padded
+  chex.assert_trees_all_close(got_state, want_state, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(
+    got_metrics._replace(num_nonfinite=0), want_metrics._replace(num_nonfinite=0), rtol=1e-5
+  )
+  assert int(got_metrics.num_nonfinite) == int(jnp.sum(metrics_S.num_nonfinite)) == 0
+  chex.assert_tree_all_finite(got_extra)
+  chex.assert_trees_all_close(got_extra, want_extra, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got_extra["real"], N / 5, rtol=1e-6)

@@ -1,5 +1,7 @@
 """Tests jaxshape/transforms.py: clipping, Gaussian and adaptive noise, DP chains."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -275,3 +277,71 @@ def test_invalid_arguments_raise(make, arg):
 def test_key_is_required():
   with pytest.raises(TypeError):
     transforms.add_gaussian_noise(1.0, 1.0)  # pylint: disable=no-value-for-parameter
+
+
+def _noise_chains(clip, sigma):
+  return {
+    "gaussian": optax.chain(
+      transforms.clip_per_example(clip),
+      transforms.add_gaussian_noise(sigma, clip, jax.random.key(1)),
+    ),
+    "adaptive": optax.chain(
+      transforms.clip_per_example(clip),
+      transforms.add_adaptive_noise(sigma, 1, jax.random.key(1)),
+    ),
+  }
+
+
+@JIT
+@pytest.mark.parametrize("kind", ["gaussian", "adaptive"])
+@pytest.mark.parametrize("clip", [0.7, math.inf])
+def test_zero_sigma_is_exactly_no_noise_for_any_clip(clip, kind, jit):
+  # sigma * C with C = inf and sigma = 0 is NaN; sigma = 0 must mean no noise.
+  g = _per_example()
+  out, state = run(lambda g: _update(_noise_chains(clip, 0.0)[kind], g), g, jit=jit)
+  clipped, _ = _update(transforms.clip_per_example(clip), g)
+  want = jax.tree.map(lambda c: jnp.sum(c, axis=0) / B, clipped)
+  chex.assert_tree_all_finite(out)
+  chex.assert_trees_all_close(out, want, rtol=1e-6, atol=1e-7)
+  if clip == math.inf:
+    mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), g)
+    chex.assert_trees_all_close(out, mean, rtol=1e-6, atol=1e-7)
+  if kind == "adaptive":
+    assert float(state[1].noise_std) == 0.0
+
+
+@JIT
+def test_zero_sigma_infinite_clip_traced_in_a_grid(jit):
+  # The hyperparameters stay traceable: one vmapped grid mixes C = inf rows with finite ones.
+  g = _per_example()
+  clips = jnp.array([math.inf, 1.0, math.inf])
+  sigmas = jnp.array([0.0, 0.0, 0.5])
+
+  def one(clip, sigma):
+    out, _ = _update(_noise_chains(clip, sigma)["gaussian"], g)
+    return out
+
+  batched = run(jax.vmap(one), clips, sigmas, jit=jit)
+  mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), g)
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], batched), mean, rtol=1e-6, atol=1e-7)
+  chex.assert_tree_all_finite(jax.tree.map(lambda x: x[:2], batched))
+  # sigma > 0 with C = inf asks for infinite noise: not finite, by design.
+  assert not np.all(np.isfinite(batched["w"][2]))
+
+
+@JIT
+def test_dp_sgd_and_dp_adam_with_infinite_clip_and_zero_sigma_are_plain(jit):
+  g = _per_example()
+  mean = jax.tree.map(lambda x: jnp.mean(x, axis=0), g)
+
+  def pairs(g):
+    key = jax.random.key(0)
+    dp_sgd, _ = _update(transforms.dp_sgd(0.1, math.inf, 0.0, key), g)
+    dp_adam, _ = _update(transforms.dp_adam(0.01, math.inf, 0.0, key), g)
+    sgd, _ = _update(optax.sgd(0.1), mean)
+    adam, _ = _update(optax.adam(0.01), mean)
+    return (dp_sgd, dp_adam), (sgd, adam)
+
+  got, want = run(pairs, g, jit=jit)
+  chex.assert_tree_all_finite(got)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)

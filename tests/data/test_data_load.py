@@ -6,7 +6,10 @@ import ast
 import gzip
 import logging
 import pickle
+import socket
 import struct
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,10 +200,28 @@ def test_no_data_anywhere_lists_places_and_remedies(tmp_path, no_system_copy):
 # ------------------------------------------------------------------------------ tfds
 
 
-def test_tfds_source_under_mock_data(tmp_path, no_system_copy):
+@pytest.fixture
+def network(monkeypatch):
+  """Replaces the network probe: set `.reachable`; `.calls` records the hosts probed."""
+
+  class Probe:
+    reachable = True
+    calls = []
+
+    def __call__(self, hosts, timeout=sources.PROBE_TIMEOUT):
+      self.calls.append(tuple(hosts))
+      return (True, "") if self.reachable else (False, "mocked: no route to any host")
+
+  probe = Probe()
+  monkeypatch.setattr(sources, "network_reachable", probe)
+  return probe
+
+
+def test_tfds_source_under_mock_data(tmp_path, no_system_copy, network):
   # tfds.testing.mock_data works with tfds.data_source when a split is named (without a
   # split it returns {} because the mocked builder knows no splits), and the mocked
   # source's __getitems__ is broken (unbound), so the loader indexes example by example.
+  # The network probe says "reachable": the download path is taken as before.
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=12):
     fm = data.load("fashion_mnist", data_dir=tmp_path)
@@ -212,6 +233,114 @@ def test_tfds_source_under_mock_data(tmp_path, no_system_copy):
   for ds in (fm, cifar):
     assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
     assert ds.y_train.dtype == np.int32 and 0 <= ds.y_train.min() and ds.y_train.max() < 10
+
+
+@pytest.mark.parametrize("prepared", ["absent", "empty folder"])
+def test_offline_download_fails_fast_listing_places(tmp_path, network, monkeypatch, prepared):
+  # Offline, tfds would retry DNS lookups for minutes; the probe stops it before tfds.
+  network.reachable = False
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def no_tfds(*args, **kwargs):
+    raise AssertionError("tensorflow-datasets was asked to download while offline")
+
+  monkeypatch.setattr(tfds, "data_source", no_tfds)
+  if prepared == "empty folder":  # what an interrupted download leaves behind
+    (tmp_path / "cifar10").mkdir()
+  with pytest.raises(DataNotFoundError) as info:
+    data.load("cifar10", data_dir=tmp_path, download=True)
+  message = str(info.value)
+  assert f"data_dir {tmp_path}: holds neither cifar-10-batches-py/" in message
+  assert f"tensorflow-datasets 'cifar10' in {tmp_path} (download=True)" in message
+  assert "network is unreachable" in message and "mocked: no route" in message
+  assert "cifar-10-python.tar.gz" in message
+  assert network.calls == [sources.DOWNLOAD_HOSTS["cifar10"]]
+
+
+def test_probe_only_before_a_download(tmp_path, network, monkeypatch):
+  # download=False never probes; prepared data (dataset_info.json present) is not re-probed.
+  with pytest.raises(DataNotFoundError):
+    data.load("cifar10", data_dir=tmp_path, download=False)
+  assert network.calls == []
+  network.reachable = False
+  (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+  (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+  assert sources._is_prepared(tmp_path / "cifar10")
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  def reached_tfds(*args, **kwargs):
+    raise RuntimeError("reached tfds.data_source")
+
+  monkeypatch.setattr(tfds, "data_source", reached_tfds)
+  with pytest.raises(sources.TfdsUnavailableError, match="reached tfds.data_source"):
+    sources.load_tfds(
+      "cifar10", image_shape=(32, 32, 3), num_classes=10, data_dir=tmp_path, download=True
+    )
+  assert network.calls == []
+
+
+@pytest.fixture
+def listener():
+  """A local TCP server socket: (host, port) that accepts connections, no network needed."""
+
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    yield server.getsockname()
+
+
+def test_network_probe_connects_to_a_listening_host(listener, monkeypatch):
+  for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(name, raising=False)
+  assert sources.network_reachable((listener,), timeout=2.0) == (True, "")
+  # One reachable host among unreachable ones is enough.
+  closed = ("127.0.0.1", 1)
+  assert sources.network_reachable((closed, listener), timeout=2.0)[0]
+  ok, reason = sources.network_reachable((closed,), timeout=2.0)
+  assert not ok and "127.0.0.1:1: no connection" in reason
+
+
+def test_network_probe_goes_through_the_proxy(listener, monkeypatch):
+  host, port = listener
+  monkeypatch.setenv("https_proxy", f"http://{host}:{port}")
+  monkeypatch.setenv("HTTPS_PROXY", f"http://{host}:{port}")
+  monkeypatch.delenv("no_proxy", raising=False)
+  monkeypatch.delenv("NO_PROXY", raising=False)
+
+  def no_dns(host, *args, **kwargs):
+    if host != "127.0.0.1":
+      raise socket.gaierror(-2, "Name or service not known")
+    return real_getaddrinfo(host, *args, **kwargs)
+
+  real_getaddrinfo = socket.getaddrinfo
+  monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+  assert sources.network_reachable((("data.example", 443),), timeout=2.0) == (True, "")
+
+
+def test_network_probe_gives_up_on_a_hanging_dns_lookup(monkeypatch):
+
+  release = threading.Event()
+  monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: release.wait(30) and [])
+  for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(name, raising=False)
+  start = time.monotonic()
+  ok, reason = sources.network_reachable((("a.example", 443), ("b.example", 80)), timeout=0.2)
+  elapsed = time.monotonic() - start
+  release.set()
+  assert not ok and elapsed < 5
+  assert "a.example: DNS lookup gave no answer within 0.2 s" in reason and "b.example" in reason
+
+
+def test_network_probe_reports_failed_lookups(monkeypatch):
+
+  def fail(*args, **kwargs):
+    raise socket.gaierror(-2, "Name or service not known")
+
+  monkeypatch.setattr(socket, "getaddrinfo", fail)
+  for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+    monkeypatch.delenv(name, raising=False)
+  ok, reason = sources.network_reachable((("a.example", 443),), timeout=1.0)
+  assert not ok and "a.example: DNS lookup failed" in reason and "not known" in reason
 
 
 def test_tfds_is_imported_only_inside_functions():

@@ -213,31 +213,6 @@ def test_epoch_mean_skips_batches_without_poisons():
   )
 
 
-def test_fit_summing_metrics_is_train_fit():
-  # Same run as train.fit (keys, batches, masked padding, updates), and the
-  # same epoch artifacts from sums as from train.fit's stacked means.
-  model = models.MLP(3, hidden=(8,))
-  loss_fn = models.ClassifierLoss(model)
-  x = jax.random.uniform(jax.random.key(0), (50, 6))
-  mask = (jnp.arange(50) < 45).astype(jnp.float32)  # 5 padded poisons
-  is_poison = ((jnp.arange(50) >= 40) & (jnp.arange(50) < 45)).astype(jnp.float32)
-  data = {"x": x, "y": jnp.arange(50) % 3, "mask": mask, "is_poison": is_poison}
-  spec = train.TrainSpec(loss_fn, optimizer="adam", defense="dp", batch_size=16, epochs=3)
-  hparams = train.HParams.create(0.05, 1.0, 0.5)
-  init = models.init_params(model, jax.random.key(1), (6,))
-  eval_fn = lambda p: {"w": jnp.sum(p["head"]["kernel"])}
-  batch_fn = lambda p, b: ga.subset_batch_grads(loss_fn, "raw", jnp.inf, p, b)
-  kwargs = dict(init_params=init, eval_fn=eval_fn, batch_metrics_fn=batch_fn)
-  want = jax.jit(lambda k: train.fit(spec, hparams, k, data, **kwargs).records)(jax.random.key(2))
-  got = jax.jit(lambda k: ga.fit_summing_metrics(spec, hparams, k, data, **kwargs))(
-    jax.random.key(2)
-  )
-  np.testing.assert_allclose(got["w"], want["w"], rtol=1e-5)
-  art_got = jax.vmap(ga.epoch_artifacts)(got["batch_metrics"])
-  art_want = jax.vmap(ga.epoch_artifacts)(want["batch_metrics"])
-  chex.assert_trees_all_close(art_got, art_want, rtol=1e-4, atol=1e-6)
-
-
 def test_bad_config_fails_loudly(tmp_path):
   for change in (
     {"scenarios": ("nope",)},
