@@ -15,8 +15,10 @@ The pipeline of one setup (dataset x model):
   3. per model, craft poisons against it (white box; cached in `poisons/`);
   4. re-train every (arm, seed, target, attempt or poison count) from the
      pre-trained model on clean + poisons as one `jaxshape.sweep` (rows in
-     `attempts.csv`, resumable), plus one clean re-training per (arm, seed)
-     as a no-poison control;
+     `attempts.csv`, resumable), each poison displacing one clean point so
+     the set keeps N examples (`displaced_points`), plus as many clean
+     re-trainings per (arm, seed) as the rule gives each target chances
+     (attempts, or poison counts) as the no-poison control;
   5. aggregate to one row per target x configuration x seed (`decide_success`).
 
 References:
@@ -74,6 +76,8 @@ ATTEMPT_COLUMNS = (
   "acc_final",
   "acc_min",
   "rad",
+  "margin_final",
+  "margin_min",
 )
 TARGETED_COLUMNS = (
   "target_index",
@@ -101,9 +105,12 @@ SUMMARY_COLUMNS = (
   "mean_poisons",
   "std_poisons",
   "mean_rad",
+  "margin_shift",
+  "control_margin",
   "flip_rate",
   "control_successes",
   "control_n",
+  "control_runs",
   "control_rate",
   "clean_acc",
   "control_acc",
@@ -607,7 +614,8 @@ def _craft_brew(
 def build_program(ctx: Context, config, attacker_class: int):
   """`build(defense_kind)` for `sweep.run`: re-train pre-trained model `values["model"]` on
   clean + the first `n_poisons` poisons of variant `values["variant"]`, recording the test
-  accuracy and every target's prediction after each epoch."""
+  accuracy, every target's prediction and its margin (logit of the target class minus logit
+  of `attacker_class`; below 0 the attacker's class beats the true one) after each epoch."""
 
   def build(kind: str):
     spec = make_spec(ctx, kind, config.retrain_epochs)
@@ -619,8 +627,10 @@ def build_program(ctx: Context, config, attacker_class: int):
       px_P, base_P = shared["px_V"][v], shared["base_V"][v]
       n, p = shared["x"].shape[0], px_P.shape[0]
       active_P = (jnp.arange(p) < values["n_poisons"]).astype(jnp.float32)
-      # Witches' Brew poisons replace their clean copies; Poison Frogs' (base -1) are added.
-      drop_P = jnp.where((active_P > 0) & (base_P >= 0), base_P, n)
+      # Witches' Brew poisons replace their clean copies; each Poison Frogs poison (base -1)
+      # takes the place of one fixed random clean point of a third class (`displace_P`), so
+      # every re-training set holds exactly N examples (see `displaced_points`).
+      drop_P = jnp.where(active_P > 0, jnp.where(base_P >= 0, base_P, shared["displace_P"]), n)
       clean_N = jnp.ones([n], jnp.float32).at[drop_P].set(0.0, mode="drop")
       fit_data = {
         "x": jnp.concatenate([shared["x"], px_P]),
@@ -630,20 +640,53 @@ def build_program(ctx: Context, config, attacker_class: int):
       xt_T = shared["xt_MT"][m]
 
       def eval_fn(params):
+        logits_TC = ctx.model.apply({"params": params}, xt_T)
         return {
           "test_acc": train.accuracy(ctx.model, params, shared["x_eval"], shared["y_eval"]),
-          "pred_T": models.predict(ctx.model, params, xt_T),
+          "pred_T": jnp.argmax(logits_TC, axis=-1).astype(jnp.int32),
+          "margin_T": logits_TC[:, config.target_class] - logits_TC[:, attacker_class],
         }
 
       hp = train.HParams.create(
         values["learning_rate"], values["l2_norm_clip"], values["noise_multiplier"]
       )
       records = train.fit(spec, hp, key, fit_data, init_params=params, eval_fn=eval_fn).records
-      return {"test_acc": records["test_acc"], "pred_T": records["pred_T"]}
+      return {k: records[k] for k in ("test_acc", "pred_T", "margin_T")}
 
     return program
 
   return build
+
+
+def displaced_points(y_N: np.ndarray, count: int, avoid: Sequence[int]) -> np.ndarray:
+  """The clean training points that poisons 1..count take the place of (int32 `[count]`).
+
+  Added poisons would make the re-training set N + k examples long, and with N a multiple
+  of the batch size the last batch of every epoch would hold only the k poisons.
+  `train.train_step` averages over the real examples of a batch, so that batch's update is
+  the mean gradient of k examples at the full learning rate: 100x an ordinary example's
+  weight for one poison at batch 100, and with DP noise 100x the noise (sigma C / 1 instead
+  of sigma C / 100). The no-poison control (N examples) has no such batch. That artifact,
+  not the attack, cost the Adam-trained LR about 0.2 in RAD (issue 5). So each poison
+  instead displaces one clean point, chosen in a fixed random order among classes other
+  than `avoid` (the base and target classes, whose removal could help the attack): the
+  set keeps N examples and the batches stay full. One point of 10,000 changes nothing
+  else measurably.
+  """
+  y_N = np.asarray(y_N)
+  pool = np.flatnonzero(~np.isin(y_N, np.asarray(avoid)))
+  if pool.size < count:
+    raise ValueError(f"only {pool.size} clean points outside classes {avoid} to displace")
+  return pool[np.random.default_rng(3).permutation(pool.size)[:count]].astype(np.int32)
+
+
+def retrain_seed(seed: int, attempt: int) -> int:
+  """The PRNG seed of a re-training: attempt a of model seed s (controls: attempt a of the
+  paired control). Attempt 0 keeps the earlier `10_000 + seed`; later attempts get their
+  own shuffling (and noise), as separate re-trainings in the paper would."""
+  if not 0 <= seed < 100_000 or attempt < 0:
+    raise ValueError(f"need 0 <= seed < 100000 and attempt >= 0, got {seed}, {attempt}")
+  return 10_000 + seed + 100_000 * attempt
 
 
 @dataclasses.dataclass
@@ -679,6 +722,7 @@ def make_plan(ctx: Context, config, arms, seeds, params_by_model, crafted_by_mod
         variants.append((m, i, 0))
         px.append(c.x_TQ[i])
         base.append(c.base_TQ[i])
+  p = max(a.shape[0] for a in px)
   xt_MT = np.zeros((len(models_m), t, *ctx.x.shape[1:]), np.float32)
   for m, c in enumerate(crafted_M):
     xt_MT[m, : c.target_idx_T.size] = ctx.x_test[c.target_idx_T]
@@ -692,6 +736,7 @@ def make_plan(ctx: Context, config, arms, seeds, params_by_model, crafted_by_mod
     "xt_MT": xt_MT,
     "px_V": np.stack(px).astype(np.float32),
     "base_V": np.stack(base).astype(np.int32),
+    "displace_P": displaced_points(ctx.y, p, (config.base_class, config.target_class)),
   }
   clean_acc_M = [accuracy(ctx, params_by_model[m]) for m in models_m]
   return Plan(list(arms), list(seeds), models_m, clean_acc_M, crafted_M, variants, shared)
@@ -720,14 +765,31 @@ def _job(
   key = {**arm.key.fields(), "seed": seed, "n_poisons": n_poisons}
   if target_index is not None:
     key.update(target_index=target_index, attempt=attempt)
+  elif attempt is not None:
+    key.update(attempt=attempt)
   # Re-training keys differ from the pre-training ones (which are key(seed)).
-  return sweep.Job(arm.re.kind, values, 10_000 + seed, key)
+  # Control run c (attempt -1 - c) shuffles like attempt c; multi-poison runs are attempt 0.
+  if attempt is None:
+    shuffle = 0
+  elif attempt < 0:
+    shuffle = -1 - attempt
+  else:
+    shuffle = attempt
+  return sweep.Job(arm.re.kind, values, retrain_seed(seed, shuffle), key)
 
 
-def control_jobs(plan: Plan, ctx: Context) -> list[sweep.Job]:
-  """One clean re-training per (arm, seed): the no-poison baseline of the success rule."""
+def control_jobs(plan: Plan, ctx: Context, runs: int = 1) -> list[sweep.Job]:
+  """`runs` clean re-trainings per (arm, seed): the no-poison baseline of the success rule.
+
+  Control run c (`attempt` -1 - c in attempts.csv) shuffles like attempt c. A target counts
+  as a control success if any of its `runs` clean re-trainings flips it with RAD < 0.05:
+  the same any-of-N rule the attack gets, so chance flips are counted alike.
+  """
   return [
-    _job(plan, ctx, arm, seed, variant=0, n_poisons=0) for arm in plan.arms for seed in plan.seeds
+    _job(plan, ctx, arm, seed, variant=0, n_poisons=0, attempt=-1 - c)
+    for arm in plan.arms
+    for seed in plan.seeds
+    for c in range(runs)
   ]
 
 
@@ -777,13 +839,15 @@ def make_to_rows(plan: Plan, attacker_class: int):
     clean_acc = plan.clean_acc_M[m]
     acc_E = np.asarray(outputs["test_acc"], np.float64)
     if job.values["n_poisons"] == 0:
-      positions = [(i, -1) for i in range(c.target_idx_T.size)]
+      control = int(job.key.get("attempt", -1))
+      positions = [(i, control) for i in range(c.target_idx_T.size)]
     else:
       _, i, a = plan.variants[int(job.values["variant"])]
       positions = [(i, a)]
     rows = []
     for i, a in positions:
       pred_E = np.asarray(outputs["pred_T"])[:, i]
+      margin_E = np.asarray(outputs["margin_T"], np.float64)[:, i]
       success, epoch = decide_success(pred_E, acc_E, attacker_class, clean_acc)
       rows.append(
         {
@@ -796,6 +860,8 @@ def make_to_rows(plan: Plan, attacker_class: int):
           "acc_final": float(acc_E[-1]),
           "acc_min": float(acc_E.min()),
           "rad": (clean_acc - float(acc_E[-1])) / clean_acc,
+          "margin_final": float(margin_E[-1]),
+          "margin_min": float(margin_E.min()),
         }
       )
     return rows
@@ -816,6 +882,23 @@ def _ident(d: Defense, seed: int, target: int) -> tuple:
   )
 
 
+def _merge_controls(rows: list[dict]) -> dict:
+  """One control row per target from its clean re-trainings: success if any succeeded
+  (earliest epoch); accuracy and RAD of control run 0 (`attempt` -1); `control_runs`."""
+  first = max(rows, key=lambda r: int(r["attempt"]))
+  wins = [r for r in rows if r["success"] is True]
+  return {
+    **first,
+    "success": bool(wins),
+    "success_epoch": min((r["success_epoch"] for r in wins), default=None),
+    "flip_epoch": min((r["flip_epoch"] for r in rows if r["flip_epoch"] is not None), default=None),
+    "control_runs": len(rows),
+    "margin_min": min(
+      (r["margin_min"] for r in rows if r.get("margin_min") is not None), default=None
+    ),
+  }
+
+
 def aggregate(plan: Plan, attempt_rows: list[dict], mode: str) -> tuple[list[dict], list[dict]]:
   """targeted.csv rows (one per arm x seed x target) and the control rows, from attempts.csv.
 
@@ -831,10 +914,23 @@ def aggregate(plan: Plan, attempt_rows: list[dict], mode: str) -> tuple[list[dic
     d = Defense(row["defense"], float(row["clip_norm"]), float(row["noise_multiplier"]))
     ident = _ident(d, row["seed"], row["target_index"])
     if int(row["n_poisons"]) == 0:
-      controls[ident] = row
+      controls.setdefault(ident, []).append(row)
     else:
       by_ident.setdefault(ident, []).append(row)
   targeted, control_rows = [], []
+
+  def shift(runs, ctrl):
+    """Mean over the runs of margin_final minus that of the paired control run (same
+    shuffling: attempt a with control -1 - a; multi-poison runs with control -1)."""
+    paired = {int(r["attempt"]): r.get("margin_final") for r in ctrl}
+    diffs = [
+      r["margin_final"] - paired[-1 - max(int(r["attempt"]), 0)]
+      for r in runs
+      if r.get("margin_final") is not None
+      and paired.get(-1 - max(int(r["attempt"]), 0)) is not None
+    ]
+    return float(np.mean(diffs)) if diffs else None
+
   for arm in plan.arms:
     for seed in plan.seeds:
       m = plan.model_index(arm, seed)
@@ -842,8 +938,9 @@ def aggregate(plan: Plan, attempt_rows: list[dict], mode: str) -> tuple[list[dic
         ident = _ident(arm.key, seed, int(target))
         base = {"target_index": int(target), **arm.key.fields(), "seed": seed}
         if ident in controls:
-          control_rows.append(controls[ident])
+          control_rows.append(_merge_controls(controls[ident]))
         runs = by_ident.get(ident, [])
+        margin_shift = shift(runs, controls.get(ident, []))
         wins = [r for r in runs if r["success"] is True]
         if mode == "oneshot":
           pick = (
@@ -880,6 +977,7 @@ def aggregate(plan: Plan, attempt_rows: list[dict], mode: str) -> tuple[list[dic
             "acc_final": pick["acc_final"],
             "rad": pick["rad"],
             "_flip": any(r["flip_epoch"] is not None for r in runs),
+            "_margin_shift": margin_shift,
           }
         )
   return targeted, control_rows
@@ -911,6 +1009,10 @@ def summarize(plan: Plan, targeted: list[dict], control_rows: list[dict]) -> lis
     low, high = results.wilson_interval(wins, n)
     needed = np.asarray([r["n_poisons_used"] for r in rows if r["success"]], np.float64)
     rads = np.asarray([r["rad"] for r in rows if r["rad"] is not None], np.float64)
+    shifts = [r.get("_margin_shift") for r in rows]
+    shifts = np.asarray([v for v in shifts if v is not None], np.float64)
+    c_margins = [r.get("margin_min") for r in ctrl]
+    c_margins = np.asarray([v for v in c_margins if v is not None], np.float64)
     c_wins = sum(bool(r["success"]) for r in ctrl)
     c_accs = np.asarray([control_acc(d, s) for s in plan.seeds], np.float64)
     if vanilla_arm is not None:
@@ -930,9 +1032,12 @@ def summarize(plan: Plan, targeted: list[dict], control_rows: list[dict]) -> lis
         "mean_poisons": float(needed.mean()) if needed.size else math.nan,
         "std_poisons": float(needed.std(ddof=1)) if needed.size > 1 else math.nan,
         "mean_rad": float(rads.mean()) if rads.size else math.nan,
+        "margin_shift": float(shifts.mean()) if shifts.size else math.nan,
+        "control_margin": float(c_margins.mean()) if c_margins.size else math.nan,
         "flip_rate": sum(bool(r.get("_flip")) for r in rows) / n if n else math.nan,
         "control_successes": c_wins,
         "control_n": len(ctrl),
+        "control_runs": max((int(r.get("control_runs", 1)) for r in ctrl), default=0),
         "control_rate": c_wins / len(ctrl) if ctrl else math.nan,
         "clean_acc": float(
           np.mean([plan.clean_acc_M[plan.model_index(arm, s)] for s in plan.seeds])

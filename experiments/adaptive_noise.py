@@ -41,6 +41,14 @@ seeds (40 target-seeds per defense), poison counts 1, 2, 4, 8; fixed sigma
 with the mean clipped norm, which is below C = 4, so comparable noise needs a
 larger sigma).
 
+The multi-poison re-trainings are `experiments/targeted.py`'s: each poison
+displaces one clean point so every batch is full. Until issue 5 the poisons
+were added, which left a batch of k examples at the end of every epoch,
+averaged at full weight; for the noisy defenses that batch also got the whole
+noise sigma*C / k instead of sigma*C / 100. Results from before that change
+(an output folder without `run.json` or with an older `retrain_version`) are
+refused on rerun: use a new `--out`.
+
 Commands:
   python -m experiments.adaptive_noise --preset=smoke --out=runs/adaptive_smoke
   python -m experiments.adaptive_noise --preset=quick --out=runs/adaptive_noise

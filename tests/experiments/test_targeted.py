@@ -208,6 +208,7 @@ def test_targeted_smoke_schema_counts_summary_and_rerun(smoke_config):
 def test_rerun_with_other_settings_is_refused(tmp_path):
   config = dataclasses.replace(targeted.PRESETS["smoke"], out=str(tmp_path))
   csv_path = tmp_path / "attempts.csv"
+  targeted.check_resumable(config, str(tmp_path), str(csv_path))
   csv_path.write_text("x\n")
   targeted.check_resumable(config, str(tmp_path), str(csv_path))
   # More targets, seeds or defenses only add rows: allowed.
@@ -220,3 +221,106 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     targeted.check_resumable(
       dataclasses.replace(config, retrain_epochs=7), str(tmp_path), str(csv_path)
     )
+
+
+def test_displaced_points_avoid_base_and_target_classes_and_are_fixed():
+  y_N = np.repeat(np.arange(10), 50)
+  idx = lib.displaced_points(y_N, 8, (3, 4))
+  assert idx.dtype == np.int32 and idx.shape == (8,)
+  assert len(set(idx.tolist())) == 8
+  assert not np.isin(y_N[idx], [3, 4]).any()
+  # Poisons 1..k displace the first k of one fixed order (nested, reproducible).
+  np.testing.assert_array_equal(lib.displaced_points(y_N, 8, (3, 4)), idx)
+  np.testing.assert_array_equal(lib.displaced_points(y_N, 3, (3, 4)), idx[:3])
+  with pytest.raises(ValueError):
+    lib.displaced_points(np.array([3, 4, 3, 1]), 2, (3, 4))
+
+
+def test_retrain_seed_is_distinct_per_attempt_and_keeps_attempt_zero():
+  assert lib.retrain_seed(0, 0) == 10_000 and lib.retrain_seed(2, 0) == 10_002
+  seeds = {lib.retrain_seed(s, a) for s in range(5) for a in range(100)}
+  assert len(seeds) == 500 and max(seeds) < 2**31
+  with pytest.raises(ValueError):
+    lib.retrain_seed(0, -1)
+
+
+def test_controls_pair_with_attempts():
+  plan = _plan([10, 11], [lib.Arm(lib.VANILLA, lib.VANILLA)])
+  ctx = lib.Context(*[None] * 3, 0.08, *[None] * 8)
+  jobs = lib.control_jobs(plan, ctx, runs=3)
+  assert [j.key["attempt"] for j in jobs] == [-1, -2, -3]
+  assert [j.seed for j in jobs] == [lib.retrain_seed(0, a) for a in range(3)]
+  assert all(j.key["n_poisons"] == 0 and j.values["n_poisons"] == 0 for j in jobs)
+  # Their rows carry the control's attempt number.
+  to_rows = lib.make_to_rows(plan, 3)
+  outputs = {
+    "test_acc": np.array([0.8, 0.8]),
+    "pred_T": np.array([[4, 3], [4, 4]]),
+    "margin_T": np.array([[2.0, -0.5], [1.5, 0.5]]),
+  }
+  rows = to_rows(jobs[1], outputs)
+  assert [r["attempt"] for r in rows] == [-2, -2]
+  assert [r["success"] for r in rows] == [False, True]
+  assert [(r["margin_final"], r["margin_min"]) for r in rows] == [(1.5, 1.5), (0.5, -0.5)]
+
+
+def test_margin_shift_pairs_each_attempt_with_its_control():
+  plan = _plan([10], [lib.Arm(lib.VANILLA, lib.VANILLA)])
+
+  def row(attempt, n, margin, margin_min=None):
+    r = _attempt(10, attempt, n, False, None, 0.8)
+    return {**r, "margin_final": margin, "margin_min": margin if margin_min is None else margin_min}
+
+  rows = [row(0, 1, 1.0), row(1, 1, 4.0), row(-1, 0, 3.0, 2.0), row(-2, 0, 5.0, 1.0)]
+  out, controls = lib.aggregate(plan, rows, "oneshot")
+  # Attempt 0 vs control -1: 1 - 3 = -2; attempt 1 vs control -2: 4 - 5 = -1.
+  (summary,) = lib.summarize(plan, out, controls)
+  assert summary["margin_shift"] == pytest.approx(-1.5)
+  assert summary["control_margin"] == pytest.approx(1.0)  # smallest over control runs
+
+
+def test_aggregate_controls_use_the_any_of_n_rule():
+  plan = _plan([10, 11, 12], [lib.Arm(lib.VANILLA, lib.VANILLA)])
+  rows = [_attempt(t, 0, 1, False, None, 0.80) for t in (10, 11, 12)]
+  rows += [
+    _attempt(10, -1, 0, False, None, 0.81),
+    _attempt(10, -2, 0, True, 4, 0.79),
+    _attempt(10, -3, 0, True, 2, 0.78),
+    _attempt(11, -1, 0, False, None, 0.81),
+    _attempt(11, -2, 0, False, None, 0.79),
+    _attempt(11, -3, 0, False, None, 0.78),
+    _attempt(12, -1, 0, False, None, 0.81),
+    _attempt(12, -2, 0, False, None, 0.79),
+    _attempt(12, -3, 0, False, None, 0.78),
+  ]
+  _, controls = lib.aggregate(plan, rows, "oneshot")
+  by_target = {r["target_index"]: r for r in controls}
+  assert len(controls) == 3
+  assert by_target[10]["success"] and by_target[10]["success_epoch"] == 2
+  assert not by_target[11]["success"]
+  # Accuracy of control run 0 (attempt -1), the one paired with attempt 0.
+  assert by_target[10]["acc_final"] == 0.81 and by_target[10]["control_runs"] == 3
+  (summary,) = lib.summarize(plan, [], controls)
+  assert (summary["control_successes"], summary["control_n"]) == (1, 3)
+  assert summary["control_runs"] == 3
+
+
+def test_quick_oneshot_preset_is_the_mlp_with_several_attempts():
+  config = targeted.preset("quick", "oneshot")
+  assert config.mode == "oneshot" and config.models == ("mlp",)
+  assert config.attempts == targeted.QUICK_ATTEMPTS > 1
+  assert config.retrain_epochs == targeted.QUICK_RETRAIN_EPOCHS > 8
+  assert config.craft_iters == 10_000 and config.max_feature_distance == 3.5
+  assert targeted.control_runs(config) == config.attempts
+  assert len(lib.defense_grid(config)) == 4 and config.targets == 20
+  # The multi-poison quick run is unchanged: LR and MLP, 8 epochs, 4 controls.
+  multi = targeted.preset("quick", "multipoison")
+  assert multi.models == ("lr", "mlp") and multi.retrain_epochs == 8
+  assert targeted.control_runs(multi) == 4
+
+
+def test_rerun_of_a_folder_without_run_json_is_refused(tmp_path):
+  config = dataclasses.replace(targeted.PRESETS["smoke"], out=str(tmp_path))
+  (tmp_path / "attempts.csv").write_text("x\n")
+  with pytest.raises(ValueError, match="unknown settings"):
+    targeted.check_resumable(config, str(tmp_path), str(tmp_path / "attempts.csv"))
