@@ -96,7 +96,7 @@ CPU-seconds (32 min wall measured at load average 6-10 on the shared 2-core
 machine; about 9-10 min if both cores are free). One poison among 10,000
 points barely moves the MLP: the target's margin shifts by -0.64 logits on
 average (16 epochs; -0.85 over the paper's 50) against margins of 1.3-14, and
-no target flipped in any run (see the module's RESULTS section in RESULTS.md).
+no target flipped in any run (numbers: RESULTS.md, targeted poisoning).
 paper: the paper's setups (one-shot: LR / Purchase-100, MLP / FashionMNIST,
 CNN / CIFAR-10; multi-poison: LR and MLP / Purchase-100), full training sets,
 100 + 50 epochs, 100 targets, 100 candidates and attempts, 10,000 iterations,
