@@ -416,7 +416,8 @@ def line_plot(
   fig = Figure(figsize=(6.0, 4.0), layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for label, (x, y_mean, y_std) in series.items():
+  n = len(series)
+  for i, (label, (x, y_mean, y_std)) in enumerate(series.items()):
     x_N = np.asarray(x, np.float64)
     y_N = np.asarray(y_mean, np.float64)
     if x_N.shape != y_N.shape or x_N.ndim != 1:
@@ -426,7 +427,7 @@ def line_plot(
       yerr_N = np.asarray(y_std, np.float64)
       if yerr_N.shape != y_N.shape:
         raise ValueError(f"series {label!r}: y_std {yerr_N.shape} must match y {y_N.shape}")
-    ax.errorbar(x_N, y_N, yerr=yerr_N, label=str(label), marker="o", markersize=4, capsize=3)
+    ax.errorbar(x_N, y_N, yerr=yerr_N, label=str(label), markersize=4, capsize=3, **style(i, n))
   if logx:
     ax.set_xscale("log")
   if logy:
@@ -439,6 +440,27 @@ def line_plot(
   ax.grid(True, alpha=0.3)
   ax.legend(frameon=False)
   save_figure(fig, path, dpi=dpi)
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def style(i: int, n: int) -> dict[str, Any]:
+  """Color, marker and line style of series `i` of `n`, all distinct up to 20 series.
+
+  Up to 10 series: matplotlib's tab10 colors with round markers. More: tab20
+  colors with a marker and a line style that also change, so no two series of
+  a crowded plot (e.g. the 14 defenses of §6.2) share a look.
+  """
+  if n <= 10:
+    return {"color": f"C{i % 10}", "marker": "o", "linestyle": "-"}
+  from matplotlib import colormaps
+
+  return {
+    "color": colormaps["tab20"](i % 20),
+    "marker": _MARKERS[i % len(_MARKERS)],
+    "linestyle": ("-", "--")[i // 10 % 2],
+  }
 
 
 def save_figure(fig: Any, path: PathLike, *, dpi: int = 150) -> None:
@@ -476,11 +498,13 @@ def panel_plot(
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, len(panels), squeeze=False)[0]
   for ax, (title, series) in zip(axes, panels, strict=True):
-    for label, (x, y_mean, y_std) in series.items():
+    for i, (label, (x, y_mean, y_std)) in enumerate(series.items()):
       x_N = np.asarray(x, np.float64)
       y_N = np.asarray(y_mean, np.float64)
       yerr = None if y_std is None else np.asarray(y_std, np.float64)
-      ax.errorbar(x_N, y_N, yerr=yerr, label=str(label), marker="o", markersize=3, capsize=2)
+      ax.errorbar(
+        x_N, y_N, yerr=yerr, label=str(label), markersize=3, capsize=2, **style(i, len(series))
+      )
     if logx:
       ax.set_xscale("log")
     if ylim is not None:

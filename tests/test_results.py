@@ -201,3 +201,11 @@ def test_panel_plot_writes_png(tmp_path):
   )
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not [p for p in os.listdir(tmp_path) if p != "panels.png"]
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 14, 20])
+def test_series_styles_are_distinct(n):
+  looks = {
+    (str(s["color"]), s["marker"], s["linestyle"]) for s in (results.style(i, n) for i in range(n))
+  }
+  assert len(looks) == n
