@@ -10,7 +10,9 @@ plus the §7.2 adaptive noise (`--adaptive_multipliers`).
 
 Every (ratio, defense, seed) of an attack runs in one vmapped program per
 defense kind: poisoned sets are padded to the largest ratio and masked, so
-one compilation serves all ratios. Outputs in `--out`:
+one compilation serves all ratios, and every job names its training set by
+row index into one shared pool (clean points, then each variant's poisons),
+so the grid holds one copy of the data. Outputs in `--out`:
   epochs.csv   one row per job x epoch (test accuracy, training accuracy on
                clean and on poison points, loss, norms): the resumable sweep.
   results.csv  one row per job: `attack, poison_ratio, n_poisons, defense,
