@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from jaxshape import data
 from jaxshape import models
 from jaxshape import poisons
@@ -333,17 +334,10 @@ class Context(NamedTuple):
 
 
 def make_context(config, setup: Setup, ds) -> Context:
-  rng = np.random.default_rng(0)
-  x, y = np.asarray(ds.x_train, np.float32), np.asarray(ds.y_train, np.int32)
-  n_full = x.shape[0]
-  if config.max_train is not None and config.max_train < n_full:
-    keep = np.sort(rng.permutation(n_full)[: config.max_train])
-    x, y = x[keep], y[keep]
+  n_full = ds.x_train.shape[0]
+  x, y = common.subsample(ds.x_train, ds.y_train, config.max_train, 0)
   x_test, y_test = np.asarray(ds.x_test, np.float32), np.asarray(ds.y_test, np.int32)
-  x_eval, y_eval = x_test, y_test
-  if config.max_test is not None and config.max_test < x_test.shape[0]:
-    keep = np.sort(np.random.default_rng(1).permutation(x_test.shape[0])[: config.max_test])
-    x_eval, y_eval = x_test[keep], y_test[keep]
+  x_eval, y_eval = common.subsample(x_test, y_test, config.max_test, 1)
   for name, cls in (("target_class", config.target_class), ("base_class", config.base_class)):
     if not 0 <= cls < ds.num_classes:
       raise ValueError(f"{name} must be in [0, {ds.num_classes}), got {cls}")

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+import numpy as np
 from absl import flags
 
 from jaxshape import results
@@ -64,3 +65,12 @@ class Timer:
   def __exit__(self, *exc):
     self.seconds = time.perf_counter() - self.start
     return False
+
+
+def subsample(x, y, limit: int | None, rng_seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """(x float32, y int32), or a fixed random subset of `limit` of them in their original order."""
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  if limit is not None and limit < x.shape[0]:
+    keep = np.sort(np.random.default_rng(rng_seed).permutation(x.shape[0])[:limit])
+    x, y = x[keep], y[keep]
+  return x, y

@@ -267,18 +267,10 @@ def _validate(config: Config) -> None:
 # --- Data, poisons, pre-training ----------------------------------------------------------------
 
 
-def _subsample(x, y, limit, rng_seed):
-  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-  if limit is not None and limit < x.shape[0]:
-    keep = np.sort(np.random.default_rng(rng_seed).permutation(x.shape[0])[:limit])
-    x, y = x[keep], y[keep]
-  return x, y
-
-
 def _load(config: Config, name: str) -> dict[str, Any]:
   ds = data.load(name, data_dir=config.data_dir)
-  x, y = _subsample(ds.x_train, ds.y_train, config.max_train, 0)
-  x_test, y_test = _subsample(ds.x_test, ds.y_test, config.max_test, 1)
+  x, y = common.subsample(ds.x_train, ds.y_train, config.max_train, 0)
+  x_test, y_test = common.subsample(ds.x_test, ds.y_test, config.max_test, 1)
   return {"x": x, "y": y, "x_test": x_test, "y_test": y_test, "num_classes": ds.num_classes}
 
 

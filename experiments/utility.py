@@ -173,14 +173,6 @@ def defense_grid(config: Config) -> list[tuple[str, float, float]]:
   return list(dict.fromkeys(grid))
 
 
-def _subsample(x, y, limit, rng_seed):
-  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
-  if limit is not None and limit < x.shape[0]:
-    keep = np.sort(np.random.default_rng(rng_seed).permutation(x.shape[0])[:limit])
-    x, y = x[keep], y[keep]
-  return x, y
-
-
 def load(config: Config, run: ModelRun) -> tuple[dict, str]:
   """The model's data (subsampled) and a note saying which data set it is and why."""
   try:
@@ -195,8 +187,8 @@ def load(config: Config, run: ModelRun) -> tuple[dict, str]:
       f"{run.model.upper()}: {run.fallback} INSTEAD OF {run.dataset} ({first_line}); "
       "a stand-in, not the paper's setting"
     )
-  x, y = _subsample(ds.x_train, ds.y_train, run.max_train, 0)
-  x_test, y_test = _subsample(ds.x_test, ds.y_test, run.max_test, 1)
+  x, y = common.subsample(ds.x_train, ds.y_train, run.max_train, 0)
+  x_test, y_test = common.subsample(ds.x_test, ds.y_test, run.max_test, 1)
   if run.max_train is not None or run.max_test is not None:
     note += f"; {x.shape[0]} training / {x_test.shape[0]} test points"
   return {
