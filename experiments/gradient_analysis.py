@@ -214,17 +214,18 @@ PRESETS = {
 # --- Grid ---------------------------------------------------------------------------------------
 
 
-def defense_grid(config: Config, scenario: str) -> list[tuple[str, float, float]]:
-  """(defense, clip norm, noise multiplier) of every row of a scenario's grid."""
+def defense_grid(config: Config, scenario: str) -> list[common.Defense]:
+  """The `common.Defense` of every row of a scenario's grid: vanilla and/or every
+  (clip norm, noise multiplier) pair."""
   names = config.defenses
   if SCENARIO_SPECS[scenario].retrain and config.retrain_defenses is not None:
     names = config.retrain_defenses
-  grid = []
-  if "vanilla" in names:
-    grid.append(("vanilla", math.inf, 0.0))
+  grid = [common.VANILLA] if "vanilla" in names else []
   if "dp" in names:
     grid += [
-      ("dp", float(c), float(s)) for c in config.clip_norms for s in config.noise_multipliers
+      common.Defense("dp", float(c), float(s))
+      for c in config.clip_norms
+      for s in config.noise_multipliers
     ]
   return list(dict.fromkeys(grid))
 
@@ -680,9 +681,7 @@ def format_summary(summary: list[dict]) -> str:
 
 
 def _defense_label(defense, clip, sigma) -> str:
-  if defense == "vanilla":
-    return "vanilla"
-  return f"DP C={float(clip):g}" + (f" s={float(sigma):g}" if float(sigma) else "")
+  return common.Defense(defense, float(clip), float(sigma)).label
 
 
 def plot(path: str, rows: list[dict], config: Config) -> None:
