@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from experiments.targeted import outcome
 from experiments import adaptive_noise
+from experiments.targeted import outcome
 from jaxshape import data
 from jaxshape import results
 
