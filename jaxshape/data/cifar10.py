@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.dataset import check_not_other_entry
 
 __all__ = [
   "BATCH_FOLDER",
@@ -76,11 +77,16 @@ def find_batches_folder(directory: Path) -> tuple[Path | None, str]:
 
   Returns:
     (the folder, "") when all six batch files are present, else (None, the reason).
+
+  Raises:
+    DataFormatError: a batch file's name is taken by a folder (or other non-file).
   """
   if not directory.is_dir():
     return None, "does not exist" if not directory.exists() else "is not a folder"
   names = (*TRAIN_BATCHES, TEST_BATCH)
   for folder in (directory, directory / BATCH_FOLDER):
+    for n in names:
+      check_not_other_entry(folder / n, "a CIFAR-10 batch file")
     present = [n for n in names if (folder / n).is_file()]
     if len(present) == len(names):
       return folder, ""
