@@ -31,13 +31,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape.poisons import _validate
-
-ArrayLike = jax.typing.ArrayLike
-Data = dict[str, jax.Array]
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Data
 
 FORMAT_VERSION = 1
 _INFO_PREFIX = "info/"
+
+
+@jax.jit
+def take_rows(tree: Any, idx: jax.Array) -> Any:
+  """`a[idx]` for every array of a pytree, compiled once per shape (no eager dispatch)."""
+  return jax.tree.map(lambda a: a[idx], tree)
 
 
 class Trigger(NamedTuple):
@@ -108,7 +113,7 @@ def backdoor_test_set(
     target_class = trigger.target_class
   y_M = np.asarray(y)
   keep = np.flatnonzero(y_M != target_class)
-  x_kept = _validate.take_rows(jnp.asarray(x), jnp.asarray(keep, jnp.int32))
+  x_kept = take_rows(jnp.asarray(x), jnp.asarray(keep, jnp.int32))
   y_adv = jnp.asarray(np.full([keep.size], target_class, np.int32))
   return apply_trigger(x_kept, trigger), y_adv
 
@@ -171,7 +176,7 @@ class PoisonSet:
     idx = jnp.asarray(indices, jnp.int32)
     rows = {k: jnp.asarray(v) for k, v in self.info.items() if k.endswith("_P")}
     rows.update(x=self.x, y=self.y, base_idx=self.base_idx, target_idx=self.target_idx)
-    rows = _validate.take_rows(rows, idx)
+    rows = take_rows(rows, idx)
     info = {k: rows.pop(k) if k.endswith("_P") else v for k, v in self.info.items()}
     return dataclasses.replace(self, info=info, **rows)
 
