@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxshape._typing import SplitArrays
 from jaxshape.data.dataset import DataFormatError
 from jaxshape.data.dataset import check_not_other_entry
 
@@ -49,7 +50,6 @@ BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 # The globals a CIFAR-10 batch pickle may name: numpy's array reconstruction,
 # under its NumPy 1 and NumPy 2 module names, and the codec that Python 3 uses to
@@ -132,7 +132,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
   return x_NHWC, labels_N.astype(np.int32)
 
 
-def read_batches_folder(folder: Path) -> Arrays:
+def read_batches_folder(folder: Path) -> SplitArrays:
   """Reads the five training batches and the test batch.
 
   Returns:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxshape._typing import SplitArrays
 from jaxshape.data.dataset import DataFormatError
 from jaxshape.data.dataset import check_not_other_entry
 from jaxshape.data.idx import read_idx
@@ -62,8 +63,6 @@ IDX_FILES = {
 # keeps them in data/fashion).
 _SUBDIRS = ("", "fashion-mnist", "fashion_mnist", "fashion")
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
 
 def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
   """Finds the four IDX files in `directory` or one of its usual sub-folders.
@@ -99,7 +98,7 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
   return None, f"holds no {IDX_FILES['train_images']}[.gz] (nor its sub-folders {_SUBDIRS[1:]})"
 
 
-def read_idx_files(files: dict[str, Path]) -> Arrays:
+def read_idx_files(files: dict[str, Path]) -> SplitArrays:
   """Reads and cross-checks the four IDX files found by `find_idx_files`.
 
   Returns:
@@ -133,7 +132,7 @@ def read_idx_files(files: dict[str, Path]) -> Arrays:
   return tuple(out)
 
 
-def split_3_4(arrays: Arrays, *, seed: int) -> dict[str, np.ndarray]:
+def split_3_4(arrays: SplitArrays, *, seed: int) -> dict[str, np.ndarray]:
   """Selects FashionMNIST-3/4: dress (class 3 -> 0) vs coat (class 4 -> 1).
 
   Of each class's training images, a seeded random `HOLDOUT_FRACTION` (600 of

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxshape._typing import SplitArrays
 from jaxshape.data import npz
 from jaxshape.data.dataset import DataFormatError
 from jaxshape.data.dataset import check_labels
@@ -66,8 +67,6 @@ HOW_TO_GET = "\n".join(
   ]
 )
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
 
 def find_file(data_dir: Path) -> tuple[Path | None, str]:
   """Returns (`data_dir` itself if it is a file, else the first known file name in it, "").
@@ -89,7 +88,7 @@ def find_file(data_dir: Path) -> tuple[Path | None, str]:
   return None, f"holds none of {', '.join(FILE_NAMES)} (nor purchase100/ with one of them)"
 
 
-def read_file(path: Path, *, seed: int) -> Arrays:
+def read_file(path: Path, *, seed: int) -> SplitArrays:
   """Reads an `.npz` (a `.npz` name or a zip signature) or a CSV release file.
 
   Args:
@@ -114,7 +113,7 @@ def read_file(path: Path, *, seed: int) -> Arrays:
   return read_csv(path, seed=seed)
 
 
-def read_npz(path: Path) -> Arrays:
+def read_npz(path: Path) -> SplitArrays:
   """Reads an `.npz` with arr_0..arr_3 = x_train, y_train, x_test, y_test.
 
   Raises:
@@ -159,7 +158,7 @@ def _from_one_hot(y: np.ndarray, path: Path) -> np.ndarray:
 
 def read_csv(
   path: Path, *, seed: int, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST
-) -> Arrays:
+) -> SplitArrays:
   """Reads the CSV release and draws disjoint random training and test records.
 
   Args:

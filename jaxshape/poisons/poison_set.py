@@ -31,15 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Data
 from jaxshape.data.dataset import DataFormatError
 from jaxshape.data.npz import read_npz
-from jaxshape.poisons import _validate
-
-ArrayLike = jax.typing.ArrayLike
-Data = dict[str, jax.Array]
 
 FORMAT_VERSION = 1
 _INFO_PREFIX = "info/"
+
+
+@jax.jit
+def take_rows(tree: Any, idx: jax.Array) -> Any:
+  """`a[idx]` for every array of a pytree, compiled once per shape (no eager dispatch)."""
+  return jax.tree.map(lambda a: a[idx], tree)
 
 
 class Trigger(NamedTuple):
@@ -110,7 +115,7 @@ def backdoor_test_set(
     target_class = trigger.target_class
   y_M = np.asarray(y)
   keep = np.flatnonzero(y_M != target_class)
-  x_kept = _validate.take_rows(jnp.asarray(x), jnp.asarray(keep, jnp.int32))
+  x_kept = take_rows(jnp.asarray(x), jnp.asarray(keep, jnp.int32))
   y_adv = jnp.asarray(np.full([keep.size], target_class, np.int32))
   return apply_trigger(x_kept, trigger), y_adv
 
@@ -173,7 +178,7 @@ class PoisonSet:
     idx = jnp.asarray(indices, jnp.int32)
     rows = {k: jnp.asarray(v) for k, v in self.info.items() if k.endswith("_P")}
     rows.update(x=self.x, y=self.y, base_idx=self.base_idx, target_idx=self.target_idx)
-    rows = _validate.take_rows(rows, idx)
+    rows = take_rows(rows, idx)
     info = {k: rows.pop(k) if k.endswith("_P") else v for k, v in self.info.items()}
     return dataclasses.replace(self, info=info, **rows)
 

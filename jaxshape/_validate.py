@@ -1,8 +1,10 @@
-"""Argument checks shared by the attacks: raise `ValueError` naming the argument.
+"""Argument checks for the public boundary: each raises `ValueError` naming the argument.
 
-Checks run at the public boundary on concrete values only; a traced value
-(under `jit` or `vmap`) passes through unchecked, so the pure cores stay
-usable inside a sweep.
+The one home of validation helpers for transforms, training, poisons, loaders
+and experiments. Checks run on concrete values only; a traced value (under
+`jit`, `vmap` or `optax.inject_hyperparams`) passes through unchecked, so the
+pure cores stay usable inside a sweep (STYLE.md: validate at the public
+boundary; inside jitted code keep going safely).
 """
 
 from __future__ import annotations
@@ -55,9 +57,30 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
   return value
 
 
+def check_count(name: str, value: Any, lo: int) -> None:
+  """Raises ValueError unless a concrete `value` is a whole number >= `lo` (and finite).
+
+  Unlike `check_int`, accepts an array or a float holding a whole number (a
+  hyperparameter that may also arrive traced), e.g. `steps_per_epoch`.
+  """
+  if value is None:
+    raise ValueError(f"{name} is required (a whole number >= {lo})")
+  if is_traced(value):
+    return
+  array = np.asarray(value)
+  if array.dtype.kind not in "iubf":
+    raise ValueError(f"{name} must be a whole number >= {lo}, got {value!r}")
+  array = array.astype(np.float64)
+  if not np.all(np.isfinite(array)) or np.any(array != np.round(array)) or np.any(array < lo):
+    raise ValueError(f"{name} must be a whole number >= {lo}, got {value!r}")
+
+
 def check_key(key: Any) -> None:
+  """Raises ValueError unless `key` is a (concrete or traced) JAX PRNG key array."""
   if key is None:
     raise ValueError("key is required: pass a jax.random.key(...) (no silent default)")
+  if is_traced(key):
+    return
   if not isinstance(key, jax.Array | np.ndarray):
     raise ValueError(f"key must be a jax PRNG key array, got {type(key).__name__}")
 
@@ -65,12 +88,6 @@ def check_key(key: Any) -> None:
 @jax.jit
 def _count_nonfinite(x: jax.Array) -> jax.Array:
   return jnp.sum(~jnp.isfinite(x))
-
-
-@jax.jit
-def take_rows(tree: Any, idx: jax.Array) -> Any:
-  """`a[idx]` for every array of a pytree, compiled once per shape (no eager dispatch)."""
-  return jax.tree.map(lambda a: a[idx], tree)
 
 
 def check_inputs(name: str, x: Any, *, min_rank: int = 1) -> jax.Array:
