@@ -175,7 +175,7 @@ class PoisonSet:
 
   def take(self, indices: ArrayLike) -> PoisonSet:
     """The poisons at `indices` (in that order), with their per-poison info."""
-    idx = jnp.asarray(indices, jnp.int32)
+    idx = _validate.check_indices("indices", indices, len(self))
     rows = {k: jnp.asarray(v) for k, v in self.info.items() if k.endswith("_P")}
     rows.update(x=self.x, y=self.y, base_idx=self.base_idx, target_idx=self.target_idx)
     rows = take_rows(rows, idx)
@@ -238,6 +238,7 @@ def merge(
     >>> result = train.fit(spec, hparams, key, merge(ds, poisons))
   """
   x_N, y_N, extra, num_classes = _from_dataset_like(data)
+  x_N = _validate.check_inputs("data x", x_N, min_rank=2)
   if not isinstance(poisons, PoisonSet):
     raise ValueError(f"poisons must be a PoisonSet, got {type(poisons).__name__}")
   if x_N.shape[1:] != poisons.x.shape[1:]:
