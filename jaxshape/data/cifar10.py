@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -106,11 +107,12 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     DataFormatError: the file is not a CIFAR-10 batch pickle, or its data or
       labels have the wrong shape, count or range.
   """
+  with open(path, "rb") as f:
+    contents = f.read()  # reads from memory stay within the file's size
   try:
-    with open(path, "rb") as f:
-      batch = _ArrayUnpickler(f, encoding="bytes").load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-    raise DataFormatError(path, f"not a CIFAR-10 batch pickle ({e})") from e
+    batch = _ArrayUnpickler(io.BytesIO(contents), encoding="bytes").load()
+  except Exception as e:  # damaged pickles fail in many ways (KeyError, LookupError, ...)
+    raise DataFormatError(path, f"not a CIFAR-10 batch pickle ({type(e).__name__}: {e})") from e
   if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
     raise DataFormatError(path, "not a CIFAR-10 batch: expected a dict with b'data', b'labels'")
   data_ND = np.asarray(batch[b"data"])

@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,14 +175,18 @@ def read_csv(
     DataFormatError: unparsable or ragged lines, a class outside 1..100, NaN or
       features outside [0, 1], or fewer than num_train + num_test records.
   """
-  try:
-    # Integers parse twice as fast; anything else (fractions, NaN) is parsed as floats.
-    table_NF = np.loadtxt(path, delimiter=",", dtype=np.int16, ndmin=2)
-  except ValueError:
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # raised below
     try:
-      table_NF = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    except ValueError as e:
-      raise DataFormatError(path, f"not a comma-separated table of numbers ({e})") from e
+      # Integers parse twice as fast; anything else (fractions, NaN) is parsed as floats.
+      table_NF = np.loadtxt(path, delimiter=",", dtype=np.int16, ndmin=2)
+    except ValueError:
+      try:
+        table_NF = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+      except ValueError as e:
+        raise DataFormatError(path, f"not a comma-separated table of numbers ({e})") from e
+  if table_NF.shape[0] == 0:
+    raise DataFormatError(path, "holds no records")
   num_records = table_NF.shape[0]
   if table_NF.shape[1] < 2:
     raise DataFormatError(path, "expected a class and at least one feature per line")
