@@ -150,6 +150,12 @@ def run(
   columns = list(columns)
   jobs = list(jobs)
   _validate(jobs, columns, max_batch)
+  if os.path.isdir(csv_path):
+    raise ValueError(f"csv_path {os.fspath(csv_path)} is a folder, expected a CSV file path")
+  for j, job in enumerate(jobs):
+    bad = {k: v for k, v in job.values.items() if not _is_number(v)}
+    if bad:
+      raise ValueError(f"jobs[{j}].values must be numbers (inf allowed, not NaN), got {bad}")
   devices = list(jax.devices() if devices is None else devices)
   mesh = Mesh(np.array(devices, dtype=object), (GRID_AXIS,))
   writer = is_main_process()
@@ -287,8 +293,10 @@ class _Chunk:
 
 
 def _validate(jobs: list[Job], columns: list[str], max_batch: int | None) -> None:
-  if max_batch is not None and (isinstance(max_batch, bool) or max_batch < 1):
-    raise ValueError(f"max_batch must be None or >= 1, got {max_batch!r}")
+  if max_batch is not None and (
+    isinstance(max_batch, bool) or not isinstance(max_batch, int | np.integer) or max_batch < 1
+  ):
+    raise ValueError(f"max_batch must be None or an integer >= 1, got {max_batch!r}")
   known = set(columns)
   if len(known) != len(columns):
     raise ValueError(f"columns must be unique, got {columns}")
@@ -317,6 +325,12 @@ def _validate(jobs: list[Job], columns: list[str], max_batch: int | None) -> Non
     if ident in seen:
       raise ValueError(f"jobs[{seen[ident]}] and jobs[{j}] have the same key {dict(job.key)}")
     seen[ident] = j
+
+
+def _is_number(value: Any) -> bool:
+  if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    return False
+  return not np.isnan(value)
 
 
 def _identity(key: Mapping[str, Any]) -> tuple:

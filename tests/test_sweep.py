@@ -11,6 +11,7 @@ import collections
 import csv
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -395,8 +396,31 @@ def _bad_rows(job, out):
     ),
     (lambda jobs: jobs, lambda job, out: [], "non-empty"),
     (lambda jobs: jobs, _bad_rows, "key has lr"),
+    (
+      lambda jobs: [
+        sweep.Job(j.group, {**j.values, "learning_rate": "0.1"}, 0, j.key) for j in jobs
+      ],
+      Recorder(),
+      "values must be numbers",
+    ),
+    (
+      lambda jobs: [
+        sweep.Job(j.group, {**j.values, "l2_norm_clip": math.nan}, 0, j.key) for j in jobs
+      ],
+      Recorder(),
+      "not NaN",
+    ),
   ],
-  ids=["duplicate-key", "unknown-field", "seed-range", "value-names", "no-rows", "key-conflict"],
+  ids=[
+    "duplicate-key",
+    "unknown-field",
+    "seed-range",
+    "value-names",
+    "no-rows",
+    "key-conflict",
+    "value-string",
+    "value-nan",
+  ],
 )
 def test_invalid_input_raises(tmp_path, change, to_rows, match):
   jobs = change(_jobs(("linreg", 2)))
@@ -406,7 +430,8 @@ def test_invalid_input_raises(tmp_path, change, to_rows, match):
     )
 
 
-def test_invalid_max_batch_raises(tmp_path):
+@pytest.mark.parametrize("max_batch", [0, 2.5, True, "4"])
+def test_invalid_max_batch_raises(tmp_path, max_batch):
   with pytest.raises(ValueError, match="max_batch"):
     sweep.run(
       build_linreg,
@@ -414,9 +439,14 @@ def test_invalid_max_batch_raises(tmp_path):
       tmp_path / "r.csv",
       to_rows=Recorder(),
       columns=COLUMNS,
-      max_batch=0,
+      max_batch=max_batch,
       progress=False,
     )
+
+
+def test_csv_path_that_is_a_folder_raises(tmp_path):
+  with pytest.raises(ValueError, match="csv_path .* is a folder"):
+    sweep.run(build_linreg, _jobs(("linreg", 2)), tmp_path, to_rows=Recorder(), columns=COLUMNS)
 
 
 def test_shared_data_matches_closure(tmp_path):
