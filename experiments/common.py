@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from jaxshape import _validate
 from jaxshape import results
 
 PRESET_NAMES = ("smoke", "quick", "paper")
@@ -127,12 +128,14 @@ def check_config(config, rules: Mapping[str, tuple]) -> None:
     for v in values:
       if isinstance(v, str) or v is None or (isinstance(v, float) and math.isnan(v)):
         raise ValueError(f"--{name} must be a number, got {v!r}")
-      low_bad = lo is not None and (v <= lo if strict else v < lo)
-      high_bad = hi is not None and (v >= hi if strict else v > hi)
-      if low_bad or high_bad:
-        left, right = ("(", ")") if strict else ("[", "]")
-        span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        raise ValueError(f"--{name} must lie in {span}, got {v!r}")
+      _validate.check_range(
+        f"--{name}",
+        v,
+        -math.inf if lo is None else lo,
+        math.inf if hi is None else hi,
+        lo_open=strict and lo is not None,
+        hi_open=strict or hi is None,
+      )
 
 
 def _flag_kind(annotation) -> tuple[str, Callable | None]:

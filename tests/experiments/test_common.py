@@ -51,7 +51,7 @@ RULES = {"ratio": (0, 1), "epochs": (1, None), "clips": (0, None, "open"), "mode
   [
     ({"ratio": -0.1}, r"--ratio must lie in \[0, 1\]"),
     ({"ratio": 1.5}, r"--ratio must lie in \[0, 1\]"),
-    ({"epochs": 0}, r"--epochs must lie in \[1, inf\]"),
+    ({"epochs": 0}, r"--epochs must lie in \[1, inf\)"),
     ({"clips": (1.0, 0.0)}, r"--clips must lie in \(0, inf\)"),
     ({"ratio": math.nan}, "--ratio must be a number"),
     ({"mode": "c"}, "--mode must be among"),
