@@ -328,7 +328,8 @@ def summary_table(rows: list[dict], config: Config) -> str:
         value="rad_best",
         row_label=lambda r: _label(r["defense"], r["clip_norm"], r["noise_multiplier"]),
         column_label=lambda ratio: f"{100 * ratio:g}% poisons",
-        side_columns={"clean acc": "clean_acc", "epsilon": "epsilon"},
+        side_columns={"clean acc": "clean_acc"},
+        span_columns={"epsilon": "epsilon"},
         row_header="defense",
       )
     )

@@ -58,6 +58,7 @@ def pivot_table(
   row_label: Callable[[Mapping[str, Any]], str] | None = None,
   column_label: Callable[[Any], str] | None = None,
   side_columns: Mapping[str, str] | None = None,
+  span_columns: Mapping[str, str] | None = None,
   row_header: str | None = None,
   digits: int = 3,
 ) -> str:
@@ -75,9 +76,12 @@ def pivot_table(
       `row_by` values joined by spaces.
     column_label: a column header from a `column_by` value; default:
       "<column_by> <value>".
-    side_columns: {header: field} summarised per configuration over all its
-      rows (e.g. {"clean acc": "clean_acc", "epsilon": "epsilon"}): its value,
-      or "min–max" where it varies (e.g. epsilon over poison ratios).
+    side_columns: {header: field} summarised per configuration as mean ± std
+      over its rows at the first (smallest) `column_by` value, i.e. one per
+      seed (e.g. {"clean acc": "clean_acc"}).
+    span_columns: {header: field} per configuration over all its rows: the
+      value, or "min–max" where it varies (e.g. {"epsilon": "epsilon"}, which
+      depends on the poison ratio through the training set size).
     row_header: the header of the label column; default: `row_by` joined by "/".
     digits: significant digits of every mean (a std gets the mean's decimals).
 
@@ -86,6 +90,7 @@ def pivot_table(
   """
   row_by = list(row_by)
   side_columns = dict(side_columns or {})
+  span_columns = dict(span_columns or {})
   if row_label is None:
     row_label = lambda row: " ".join(str(row.get(f)) for f in row_by)  # noqa: E731
   if column_label is None:
@@ -95,7 +100,7 @@ def pivot_table(
     lines.setdefault(tuple(results.canonical(row.get(f)) for f in row_by), []).append(row)
   column_values = sorted({results.parse_value(row.get(column_by)) for row in rows}, key=_sort_key)
   first = "/".join(row_by) if row_header is None else row_header
-  header = [first, *(column_label(v) for v in column_values), *side_columns]
+  header = [first, *(column_label(v) for v in column_values), *side_columns, *span_columns]
   table = []
   for members in lines.values():
     cells = [row_label(members[0])]
@@ -106,7 +111,13 @@ def pivot_table(
         if results.canonical(r.get(column_by)) == results.canonical(v) and value in r
       ]
       cells.append(mean_pm_std([results.parse_value(x) for x in same], digits=digits))
+    first_value = results.canonical(column_values[0])
+    at_first = [r for r in members if results.canonical(r.get(column_by)) == first_value]
     for field in side_columns.values():
+      cells.append(
+        mean_pm_std([results.parse_value(r.get(field)) for r in at_first], digits=digits)
+      )
+    for field in span_columns.values():
       cells.append(_span([results.parse_value(r.get(field)) for r in members], digits))
     table.append(cells)
   widths = [max(len(line[i]) for line in [header, *table]) for i in range(len(header))]

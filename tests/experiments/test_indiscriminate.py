@@ -100,7 +100,12 @@ def test_demo_table_is_readable(smoke):
   assert labels == ["vanilla", "clip C=4", "noise C=4 s=0.001", "adaptive C=4 s=0.1"] * len(
     config.attacks
   )
+  number = r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?"
+  mean_std = re.compile(rf"^{number} ± {number}$|^{number}$")
   for line in text.splitlines():
     if line.startswith(("vanilla", "clip", "noise", "adaptive")):
-      assert len(re.findall(r"-?\d\.\d+ ± \d\.\d+", line)) == 2, line  # two ratio columns
+      cells = re.split(r"\s{2,}", line.strip())
+      assert len(cells) == 5, line  # label, two ratios, clean acc, epsilon
+      assert all(mean_std.match(c) for c in cells[1:4]), line
+      assert re.match(rf"^({number}(–{number})?|inf|-)$", cells[4]), line
   assert "poisson sampling" in text and "sampling='shuffle'" in text
