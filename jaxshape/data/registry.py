@@ -97,7 +97,7 @@ def load(
     A `Dataset`.
 
   Raises:
-    ValueError: an unknown `name` or a bad `seed`.
+    ValueError: an unknown `name`, a bad `seed`, or a `data_dir` for two_moons.
     DataNotFoundError: (a FileNotFoundError) no source has the data (with
       `data_dir`: the folder is missing, not a folder, or lacks files); the
       message names every place looked and how to get the data.
@@ -123,6 +123,11 @@ def load(
   data_dir = Path(data_dir).expanduser() if data_dir is not None else None
 
   if name == "two_moons":
+    if data_dir is not None:
+      raise ValueError(
+        f"data_dir={os.fspath(data_dir)!r} given for two_moons, which is generated, "
+        "not read from files; pass data_dir=None"
+      )
     x_train, y_train, x_test, y_test = two_moons.split_two_moons(seed=seed)
     return Dataset(name, x_train, y_train, x_test, y_test, 2, source="generated")
   if name == "purchase100":
