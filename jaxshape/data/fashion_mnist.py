@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxshape._typing import SplitArrays
 from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.dataset import check_not_other_entry
 from jaxshape.data.idx import read_idx
 
 __all__ = [
@@ -70,6 +71,10 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
 
   Returns:
     (files by role, "") when all four are present, else (None, the reason).
+
+  Raises:
+    DataFormatError: a file's name is taken by something that is not a file
+      (a folder, a socket, ...).
   """
   if not directory.is_dir():
     return None, "does not exist" if not directory.exists() else "is not a folder"
@@ -82,6 +87,7 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
         if (folder / name).is_file():
           files[role] = folder / name
           break
+        check_not_other_entry(folder / name, "an IDX file")
     if len(files) == len(IDX_FILES):
       return files, ""
     if files and not partial:
