@@ -35,6 +35,7 @@ import optax
 
 from jaxshape import grads as grads_lib
 from jaxshape import models as models_lib
+from jaxshape import per_example
 from jaxshape import transforms
 
 Params = Any
@@ -157,7 +158,7 @@ def train_step(
     metrics = StepMetrics(loss, nan, nan, nan, jnp.zeros([], jnp.int32))
   else:
     loss = spec.loss_fn(state.params, batch)
-    clipped = grads_lib.clipped_sum_and_norms(
+    clipped = per_example.clipped_sum_and_norms(
       spec.loss_fn, state.params, batch, hparams.l2_norm_clip
     )
     if spec.defense == "vanilla":

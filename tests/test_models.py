@@ -17,6 +17,7 @@ from jaxshape import models
     ("cnn", (28, 28, 1), {}, 64),
     ("cnn", (32, 32, 3), {}, 64),
     ("cnn", (28, 28, 1), {"padding": "SAME", "hidden": 256}, 256),
+    ("resnet18", (32, 32, 3), {"width": 4, "num_groups": 2}, 32),
   ],
 )
 def test_shapes(name, shape, kwargs, n_features):
@@ -54,3 +55,25 @@ def test_bad_names():
     models.make_model("resnet", 10)
   with pytest.raises(ValueError, match="num_classes"):
     models.make_model("lr", 1)
+
+
+def test_resnet18_has_groupnorm_and_no_batch_statistics():
+  model = models.ResNet18(num_classes=10)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert set(variables) == {"params"}  # GroupNorm: no batch_stats collection
+  n = sum(np.prod(v.shape) for v in jax.tree.leaves(variables["params"]))
+  assert 11_000_000 < n < 11_300_000  # ResNet-18's 11.2M parameters
+
+
+def test_classifier_loss_is_a_per_example_loss_with_masked_mean():
+  model = models.LR(num_classes=3)
+  loss_fn = models.ClassifierLoss(model)
+  params = models.init_params(model, jax.random.key(0), (4,))
+  batch = {
+    "x": jnp.arange(12.0).reshape(3, 4),
+    "y": jnp.array([0, 1, 2]),
+    "mask": jnp.array([1.0, 1.0, 0.0]),
+  }
+  per = loss_fn.per_example(params, batch)
+  np.testing.assert_allclose(loss_fn(params, batch), (per[0] + per[1]) / 2, rtol=1e-6)
+  assert hash(loss_fn) == hash(models.ClassifierLoss(model))
