@@ -78,6 +78,71 @@ class MLP(nn.Module):
     return self.head(self.features(x_B))
 
 
+# ------------------------------------------------------------------ pooling
+
+
+def _window_view(a_BHWC: jax.Array) -> jax.Array:
+  """`[B, H/2, 2, W/2, 2, C]` view of the 2x2 windows (odd trailing rows/columns dropped)."""
+  b, h, w, c = a_BHWC.shape
+  a_BHWC = a_BHWC[:, : h // 2 * 2, : w // 2 * 2, :]
+  return a_BHWC.reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _first_max_selector(a_BHWC: jax.Array, out_BPQC: jax.Array) -> jax.Array:
+  """1 at the first maximal element (row-major) of each 2x2 window, else 0; like `_window_view`."""
+  eq = _window_view(a_BHWC) == out_BPQC[:, :, None, :, None, :]
+  e00, e01 = eq[:, :, 0, :, 0, :], eq[:, :, 0, :, 1, :]
+  e10, e11 = eq[:, :, 1, :, 0, :], eq[:, :, 1, :, 1, :]
+  s01 = e01 & ~e00
+  s10 = e10 & ~(e00 | e01)
+  s11 = e11 & ~(e00 | e01 | e10)
+  top = jnp.stack([e00, s01], axis=3)
+  bottom = jnp.stack([s10, s11], axis=3)
+  return jnp.stack([top, bottom], axis=2)
+
+
+@jax.custom_vjp
+def max_pool_2x2(a_BHWC: jax.Array) -> jax.Array:
+  """2x2 max pooling with stride 2 and VALID padding, `[B, H/2, W/2, C]`.
+
+  The same values and gradients as `flax.linen.max_pool(a, (2, 2), (2, 2))`
+  (the gradient of a window goes to its *first* maximal element in row-major
+  order, as XLA's `select_and_scatter` with `>=` does, so ties after ReLU
+  match exactly), with a backward pass that is one fused elementwise op:
+  `select_and_scatter`, which `jax.grad` of `flax.linen.max_pool` uses, was
+  the slowest op of the whole CNN step on the CPU (about 35 of 80 ms).
+  """
+  return _reduce_max_2x2(a_BHWC)
+
+
+def _reduce_max_2x2(a_BHWC: jax.Array) -> jax.Array:
+  # lax.reduce_window measured ~5x faster than a max over the 6-d window view.
+  init = jnp.array(-jnp.inf, a_BHWC.dtype)
+  return jax.lax.reduce_window(a_BHWC, init, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _max_pool_fwd(a_BHWC):
+  out_BPQC = _reduce_max_2x2(a_BHWC)
+  return out_BPQC, (a_BHWC, out_BPQC)
+
+
+def _max_pool_bwd(residuals, g_BPQC):
+  a_BHWC, out_BPQC = residuals
+  sel = _first_max_selector(a_BHWC, out_BPQC)
+  g6 = jnp.where(sel, g_BPQC[:, :, None, :, None, :], jnp.zeros((), g_BPQC.dtype))
+  b, h, w, c = a_BHWC.shape
+  g_even = g6.reshape(b, h // 2 * 2, w // 2 * 2, c)
+  if (h % 2, w % 2) != (0, 0):
+    g_even = jnp.pad(g_even, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  return (g_even,)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# ------------------------------------------------------------------ models
+
+
 class CNN(nn.Module):
   """conv3x3x16-ReLU -> conv3x3x32-ReLU -> maxpool 2x2 -> dense(hidden)-ReLU -> dense(C).
 
@@ -106,7 +171,7 @@ class CNN(nn.Module):
   def features(self, x_BHWC: jax.Array, *, train: bool = False) -> jax.Array:
     h = nn.relu(self.conv_0(x_BHWC))
     h = nn.relu(self.conv_1(h))
-    h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = max_pool_2x2(h)
     h = self.dropout(h, deterministic=not train or self.dropout_rate == 0.0)
     h_BF = h.reshape((h.shape[0], -1))
     return nn.relu(self.dense_0(h_BF))

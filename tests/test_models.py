@@ -1,5 +1,6 @@
 """Tests jaxshape/models.py: shapes of the paper's models and the loss."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,3 +78,14 @@ def test_classifier_loss_is_a_per_example_loss_with_masked_mean():
   per = loss_fn.per_example(params, batch)
   np.testing.assert_allclose(loss_fn(params, batch), (per[0] + per[1]) / 2, rtol=1e-6)
   assert hash(loss_fn) == hash(models.ClassifierLoss(model))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 2)])
+def test_max_pool_matches_flax_with_ties(shape):
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.integers(0, 3, shape).astype(np.float32))  # many ties
+  g = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+  want, pull_want = jax.vjp(lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)), a)
+  got, pull_got = jax.vjp(models.max_pool_2x2, a)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(pull_got(g)[0], pull_want(g)[0])

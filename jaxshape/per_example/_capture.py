@@ -200,11 +200,16 @@ class Captured(NamedTuple):
 
 def _with_offsets(offsets: dict[Path, jax.Array], inputs: dict[Path, jax.Array]):
   def interceptor(next_fun, args, kwargs, context):
-    path = context.module.path if context.method_name == "__call__" else None
+    module = context.module
+    path = module.path if context.method_name == "__call__" else None
     if path not in offsets:
       return next_fun(*args, **kwargs)
-    inputs[path] = _first_arg(args, kwargs)
-    return next_fun(*args, **kwargs) + offsets[path]
+    inputs[path] = a = _first_arg(args, kwargs)
+    if type(module) is nn.Conv and _conv.plain(module):
+      out = _conv.layer_output(module, module.variables["params"], a)
+    else:
+      out = next_fun(*args, **kwargs)
+    return out + offsets[path]
 
   return interceptor
 

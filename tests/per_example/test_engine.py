@@ -109,6 +109,19 @@ def test_vmap_over_clip_norms_equals_separate_runs(case):
     chex.assert_trees_all_close(one, alone.sum, rtol=1e-6)
 
 
+def test_vmap_over_params_and_clip_norms_as_a_sweep_does(case):
+  name, loss_fn, params, batch, _, clip = case
+  if name != "cnn_valid":
+    pytest.skip("one model suffices")
+  stacked = jax.tree.map(lambda p: jnp.stack([p, 0.5 * p]), params)
+  clips = jnp.asarray([clip, clip / 100])
+  run = lambda p, c: jaxshape.clipped_sum_and_norms(loss_fn, p, batch, c)  # noqa: E731
+  grid = jax.jit(jax.vmap(run))(stacked, clips)
+  for i in range(2):
+    one = run(jax.tree.map(lambda p, i=i: p[i], stacked), clips[i])
+    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], grid.sum), one.sum, rtol=1e-5)
+
+
 def test_eager_equals_jitted(case):
   name, loss_fn, params, batch, _, clip = case
   if name not in ("mlp", "strided_cnn"):
