@@ -9,6 +9,7 @@ Effectiveness of Mitigating Data Poisoning Attacks with Gradient Shaping".
 from jaxshape import accounting
 from jaxshape import analysis
 from jaxshape import models
+from jaxshape import report
 from jaxshape import results
 from jaxshape import sweep
 from jaxshape import train
@@ -55,6 +56,7 @@ __all__ = [
   "per_example_grads",
   "per_example_norms",
   "per_example_norms_and_cosines",
+  "report",
   "results",
   "sweep",
   "train",

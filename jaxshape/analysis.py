@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Params = Any
+from jaxshape._typing import Params
 
 
 def subset_mean_grads(loss_fn, params: Params, batch: dict) -> dict[str, Params]:

@@ -10,7 +10,8 @@ CSV, and for each group compiles `jax.jit(jax.vmap(program))` once, feeds it
 chunks of jobs sharded over every device on a 1-D mesh ("grid"), turns each
 job's outputs into rows and rewrites the CSV atomically after every chunk.
 A run killed at any point and restarted loses no finished chunk and repeats
-none.
+none; a CSV whose last row was cut mid-row (a copy stopped mid-file) loses
+that row with a warning and its job runs again.
 
   >>> def build(spec):
   ...   def program(values, key):
@@ -34,8 +35,11 @@ process 0 writes the CSV.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import os
+import warnings
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
@@ -146,11 +150,17 @@ def run(
   columns = list(columns)
   jobs = list(jobs)
   _validate(jobs, columns, max_batch)
+  if os.path.isdir(csv_path):
+    raise ValueError(f"csv_path {os.fspath(csv_path)} is a folder, expected a CSV file path")
+  for j, job in enumerate(jobs):
+    bad = {k: v for k, v in job.values.items() if not _is_number(v)}
+    if bad:
+      raise ValueError(f"jobs[{j}].values must be numbers (inf allowed, not NaN), got {bad}")
   devices = list(jax.devices() if devices is None else devices)
   mesh = Mesh(np.array(devices, dtype=object), (GRID_AXIS,))
   writer = is_main_process()
 
-  rows_text = results.read_csv(csv_path, columns=columns)
+  rows_text = _read_resumable(csv_path, columns, jobs, writer=writer)
   if writer and results.read_header(csv_path) is None:
     results.write_csv(csv_path, [], columns)
   done_J = _done_mask(jobs, rows_text)
@@ -189,6 +199,90 @@ def run(
   return results.parse(rows_text)
 
 
+# --- Resuming -----------------------------------------------------------------------------------
+
+
+def _read_resumable(
+  csv_path: str | os.PathLike, columns: list[str], jobs: list[Job], *, writer: bool
+) -> list[dict]:
+  """The CSV's rows, after dropping a last row that was cut mid-row (and repairing the file).
+
+  `run` rewrites the CSV atomically, so a cut row comes from outside (a copy
+  or download stopped mid-file, a full disk, an editor): the file then does
+  not end with a line break. The cut row is dropped with a warning. Rows are
+  appended job by job, so the only job that may be left with part of its rows
+  is the job of the last intact row; when the cut row may be one of its rows
+  (its key cells agree with that job's as far as they go), all of that job's
+  rows are dropped too and the job runs again. Nothing is repeated (no job
+  has rows twice) and nothing is lost. The writer process rewrites the file.
+
+  A file cut exactly at a line break cannot be told from a finished one: a
+  job that writes several rows may then keep only some of them.
+  """
+  if not os.path.exists(csv_path):
+    return []
+  with open(csv_path, "rb") as f:
+    contents = f.read()
+  if not contents or contents.endswith((b"\n", b"\r")):
+    return results.read_csv(csv_path, columns=columns)
+  start = contents.rfind(b"\n") + 1
+  cut_row = contents[start:].decode("utf-8", errors="replace")
+  if start == 0:  # the header itself was cut
+    if not ",".join(columns).startswith(cut_row):
+      return results.read_csv(csv_path, columns=columns)  # a foreign header: say so
+    _warn_cut(csv_path, cut_row, "")
+    if writer:
+      results.write_csv(csv_path, [], columns)
+    return []
+  lines = list(csv.reader(io.StringIO(contents[:start].decode("utf-8", errors="replace"))))
+  header, intact = lines[0], lines[1:]
+  if header != columns or any(len(line) != len(header) for line in intact):
+    return results.read_csv(csv_path, columns=columns)  # raises, naming the problem
+  rows = [dict(zip(header, line, strict=True)) for line in intact]
+  dropped = ""
+  suspect = _job_of(rows[-1], jobs) if rows else None
+  if suspect is not None and _may_continue(next(csv.reader([cut_row]), []), rows[-1], suspect):
+    fields = tuple(suspect.key)
+    ident = _identity(suspect.key)
+    kept = [row for row in rows if _identity({f: row[f] for f in fields}) != ident]
+    dropped = f", and the {len(rows) - len(kept)} earlier rows of its job {dict(suspect.key)}"
+    rows = kept
+  _warn_cut(csv_path, cut_row, dropped)
+  if writer:
+    results.write_csv(csv_path, rows, columns)
+  return rows
+
+
+def _warn_cut(csv_path: str | os.PathLike, cut_row: str, dropped: str) -> None:
+  warnings.warn(
+    f"{os.fspath(csv_path)}: the last row was cut mid-row ({cut_row[:60]!r}); dropped it"
+    f"{dropped}; the job runs again",
+    stacklevel=3,
+  )
+
+
+def _job_of(row: dict, jobs: list[Job]) -> Job | None:
+  """The job whose key matches `row`, if any."""
+  for job in jobs:
+    if all(f in row for f in job.key) and _identity({f: row[f] for f in job.key}) == _identity(
+      job.key
+    ):
+      return job
+  return None
+
+
+def _may_continue(cells: list[str], last_row: dict, job: Job) -> bool:
+  """Whether a cut row with `cells` (the last one partial) may belong to `job` (`last_row`'s)."""
+  columns = list(last_row)
+  for field in job.key:
+    i = columns.index(field)
+    if i < len(cells) - 1 and cells[i] != last_row[field]:
+      return False
+    if i == len(cells) - 1 and not last_row[field].startswith(cells[i]):
+      return False
+  return True
+
+
 # --- Planning -----------------------------------------------------------------------------------
 
 
@@ -199,8 +293,10 @@ class _Chunk:
 
 
 def _validate(jobs: list[Job], columns: list[str], max_batch: int | None) -> None:
-  if max_batch is not None and (isinstance(max_batch, bool) or max_batch < 1):
-    raise ValueError(f"max_batch must be None or >= 1, got {max_batch!r}")
+  if max_batch is not None and (
+    isinstance(max_batch, bool) or not isinstance(max_batch, int | np.integer) or max_batch < 1
+  ):
+    raise ValueError(f"max_batch must be None or an integer >= 1, got {max_batch!r}")
   known = set(columns)
   if len(known) != len(columns):
     raise ValueError(f"columns must be unique, got {columns}")
@@ -229,6 +325,12 @@ def _validate(jobs: list[Job], columns: list[str], max_batch: int | None) -> Non
     if ident in seen:
       raise ValueError(f"jobs[{seen[ident]}] and jobs[{j}] have the same key {dict(job.key)}")
     seen[ident] = j
+
+
+def _is_number(value: Any) -> bool:
+  if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+    return False
+  return not np.isnan(value)
 
 
 def _identity(key: Mapping[str, Any]) -> tuple:

@@ -37,9 +37,8 @@ from jaxshape import grads as grads_lib
 from jaxshape import models as models_lib
 from jaxshape import per_example
 from jaxshape import transforms
-
-Params = Any
-Data = dict[str, jax.Array]
+from jaxshape._typing import Data
+from jaxshape._typing import Params
 
 DEFENSES = ("vanilla", "dp", "adaptive")
 OPTIMIZERS = ("sgd", "adam")

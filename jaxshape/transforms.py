@@ -22,7 +22,6 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -30,34 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxshape import _validate
 from jaxshape import grads as grads_lib
-
-ArrayLike = jax.typing.ArrayLike
-Params = Any
-
-
-def _is_traced(value: Any) -> bool:
-  return isinstance(value, jax.core.Tracer)
-
-
-def _check(name: str, value: ArrayLike, ok, accepted: str) -> None:
-  """Raises ValueError naming `name` when a concrete `value` is out of range."""
-  if value is None:
-    raise ValueError(f"{name} is required ({accepted})")
-  if _is_traced(value):
-    return
-  array = np.asarray(value)
-  if np.any(np.isnan(array)) or not np.all(ok(array)):
-    raise ValueError(f"{name} must be {accepted}, got {value!r}")
-
-
-def _check_key(key: Any) -> None:
-  if key is None:
-    raise ValueError("key is required: pass a jax.random.key(...) (no silent default)")
-  if _is_traced(key):
-    return
-  if not isinstance(key, jax.Array | np.ndarray):
-    raise ValueError(f"key must be a jax PRNG key array, got {type(key).__name__}")
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Params
 
 
 def _raw_key(key: jax.Array) -> jax.Array:
@@ -104,7 +79,7 @@ def clip_per_example(l2_norm_clip: ArrayLike) -> optax.GradientTransformation:
   References:
     Hong et al. 2020, §5.1 and Appendix B (Algorithm 1, line "clip gradient").
   """
-  _check("l2_norm_clip", l2_norm_clip, lambda c: c > 0, "> 0")
+  _validate.check_range("l2_norm_clip", l2_norm_clip, 0.0, np.inf, lo_open=True)
 
   def init_fn(params):
     del params
@@ -210,9 +185,9 @@ def add_gaussian_noise(
   References:
     Hong et al. 2020, Appendix B (Algorithm 1, "add noise"); Abadi et al. 2016.
   """
-  _check("noise_multiplier", noise_multiplier, lambda s: s >= 0, ">= 0")
-  _check("l2_norm_clip", l2_norm_clip, lambda c: c > 0, "> 0")
-  _check_key(key)
+  _validate.check_range("noise_multiplier", noise_multiplier, 0.0, np.inf)
+  _validate.check_range("l2_norm_clip", l2_norm_clip, 0.0, np.inf, lo_open=True)
+  _validate.check_key(key)
 
   def init_fn(params):
     del params
@@ -267,9 +242,9 @@ def add_adaptive_noise(
   References:
     Hong et al. 2020, §7.2 ("noise proportional to the gradient magnitude").
   """
-  _check("noise_multiplier", noise_multiplier, lambda s: s >= 0, ">= 0")
-  _check("steps_per_epoch", steps_per_epoch, lambda s: s >= 1, ">= 1")
-  _check_key(key)
+  _validate.check_range("noise_multiplier", noise_multiplier, 0.0, np.inf)
+  _validate.check_range("steps_per_epoch", steps_per_epoch, 1.0, np.inf)
+  _validate.check_key(key)
 
   def init_fn(params):
     del params
@@ -339,7 +314,7 @@ def dp_sgd(
   References:
     Hong et al. 2020, Appendix B (Algorithm 1); Abadi et al. 2016.
   """
-  _check("learning_rate", learning_rate, lambda lr: lr >= 0, ">= 0")
+  _validate.check_range("learning_rate", learning_rate, 0.0, np.inf)
   return optax.chain(
     clip_per_example(l2_norm_clip),
     add_gaussian_noise(noise_multiplier, l2_norm_clip, key),
@@ -360,7 +335,7 @@ def dp_adam(
   References:
     Hong et al. 2020, §6.1-6.2 (LR trained with DP-Adam), Appendix B.
   """
-  _check("learning_rate", learning_rate, lambda lr: lr >= 0, ">= 0")
+  _validate.check_range("learning_rate", learning_rate, 0.0, np.inf)
   return optax.chain(
     clip_per_example(l2_norm_clip),
     add_gaussian_noise(noise_multiplier, l2_norm_clip, key),

@@ -11,6 +11,7 @@ import collections
 import csv
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -246,6 +247,74 @@ def test_resume_after_kill_loses_and_repeats_nothing(tmp_path):
   assert path.read_bytes() == before
 
 
+STEP_COLUMNS = ["lr", "seed", "step", "loss"]
+
+
+def _step_rows(job, out):
+  """Several rows per job (one per step), as the experiments write one per epoch."""
+  return [{"step": t, "loss": float(loss)} for t, loss in enumerate(out["loss_T"])]
+
+
+def _cut_offsets(contents: bytes) -> dict[str, int]:
+  """Byte offsets to cut a results file at: inside the header, inside cells, at a job's end."""
+  ends = [i + 1 for i, b in enumerate(contents) if b == ord("\n")]  # after each line break
+  steps = 4  # rows per job: line k (1-based after the header) ends at ends[k]
+  rng = np.random.default_rng(0)
+  return {
+    "header": ends[0] // 2,
+    "first row": ends[0] + 3,
+    "last cell of a job's last row": ends[steps] - 2,
+    "key cell of a new job's first row": ends[steps] + 1,
+    "middle of a job": ends[steps + 2] - 5,
+    "last cell of the file": len(contents) - 2,
+    "random": int(rng.integers(ends[0] + 1, len(contents) - 1)),
+    "at a job's end (no cut row)": ends[2 * steps],
+  }
+
+
+def test_resume_after_a_cut_last_row_repeats_and_loses_nothing(tmp_path):
+  jobs = _jobs(("linreg", 4), lrs=(0.01, 0.1, 1.0))
+  full_path = tmp_path / "full.csv"
+  run = functools.partial(sweep.run, build_linreg, jobs, columns=STEP_COLUMNS, progress=False)
+  full_rows = run(full_path, to_rows=_step_rows)
+  contents = full_path.read_bytes()
+  ident = lambda r: (r["lr"], r["seed"], r["step"])
+  for where, offset in _cut_offsets(contents).items():
+    path = tmp_path / "cut.csv"
+    path.write_bytes(contents[:offset])
+    cut_line = contents[contents.rfind(b"\n", 0, offset) + 1 : offset]
+    intact = full_rows[: max(0, contents[:offset].count(b"\n") - 1)]
+    finished = {
+      (r["lr"], r["seed"])
+      for r in intact
+      if sum((q["lr"], q["seed"]) == (r["lr"], r["seed"]) for q in intact) == 4
+    }
+    calls = collections.Counter()
+
+    def to_rows(job, out, calls=calls):
+      calls[(job.key["lr"], job.key["seed"])] += 1
+      return _step_rows(job, out)
+
+    if where.startswith("at a job's end"):
+      rows = run(path, to_rows=to_rows)
+    else:
+      with pytest.warns(UserWarning, match="the last row was cut mid-row") as record:
+        rows = run(path, to_rows=to_rows)
+      assert repr(cut_line.decode()[:20])[1:-1] in str(record[0].message), where
+    assert sorted(map(ident, rows)) == sorted(map(ident, full_rows)), where  # none twice
+    # None lost, and the same values (a job alone in a chunk may differ in the last bits).
+    on_disk = sorted(results.parse(results.read_csv(path)), key=ident)
+    for got in (sorted(rows, key=ident), on_disk):
+      np.testing.assert_allclose(
+        [r["loss"] for r in got], [r["loss"] for r in sorted(full_rows, key=ident)], rtol=1e-5
+      )
+      assert list(map(ident, got)) == sorted(map(ident, full_rows)), where
+    assert all(n == 1 for n in calls.values()), where
+    # Every unfinished job ran; of the finished ones, at most the one the cut row may continue.
+    assert set(calls) >= {(j.key["lr"], j.key["seed"]) for j in jobs} - finished, where
+    assert len(set(calls) & finished) <= (0 if where.startswith("at a job's end") else 1), where
+
+
 def test_done_matches_keys_written_by_csv(tmp_path):
   """Keys given as ints or floats match the text the CSV holds (1 == 1.0 == "1.0")."""
   path = tmp_path / "r.csv"
@@ -327,8 +396,31 @@ def _bad_rows(job, out):
     ),
     (lambda jobs: jobs, lambda job, out: [], "non-empty"),
     (lambda jobs: jobs, _bad_rows, "key has lr"),
+    (
+      lambda jobs: [
+        sweep.Job(j.group, {**j.values, "learning_rate": "0.1"}, 0, j.key) for j in jobs
+      ],
+      Recorder(),
+      "values must be numbers",
+    ),
+    (
+      lambda jobs: [
+        sweep.Job(j.group, {**j.values, "l2_norm_clip": math.nan}, 0, j.key) for j in jobs
+      ],
+      Recorder(),
+      "not NaN",
+    ),
   ],
-  ids=["duplicate-key", "unknown-field", "seed-range", "value-names", "no-rows", "key-conflict"],
+  ids=[
+    "duplicate-key",
+    "unknown-field",
+    "seed-range",
+    "value-names",
+    "no-rows",
+    "key-conflict",
+    "value-string",
+    "value-nan",
+  ],
 )
 def test_invalid_input_raises(tmp_path, change, to_rows, match):
   jobs = change(_jobs(("linreg", 2)))
@@ -338,7 +430,8 @@ def test_invalid_input_raises(tmp_path, change, to_rows, match):
     )
 
 
-def test_invalid_max_batch_raises(tmp_path):
+@pytest.mark.parametrize("max_batch", [0, 2.5, True, "4"])
+def test_invalid_max_batch_raises(tmp_path, max_batch):
   with pytest.raises(ValueError, match="max_batch"):
     sweep.run(
       build_linreg,
@@ -346,9 +439,14 @@ def test_invalid_max_batch_raises(tmp_path):
       tmp_path / "r.csv",
       to_rows=Recorder(),
       columns=COLUMNS,
-      max_batch=0,
+      max_batch=max_batch,
       progress=False,
     )
+
+
+def test_csv_path_that_is_a_folder_raises(tmp_path):
+  with pytest.raises(ValueError, match="csv_path .* is a folder"):
+    sweep.run(build_linreg, _jobs(("linreg", 2)), tmp_path, to_rows=Recorder(), columns=COLUMNS)
 
 
 def test_shared_data_matches_closure(tmp_path):

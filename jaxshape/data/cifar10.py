@@ -15,12 +15,15 @@ References:
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import numpy as np
 
+from jaxshape._typing import SplitArrays
 from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.dataset import check_not_other_entry
 
 __all__ = [
   "BATCH_FOLDER",
@@ -48,7 +51,6 @@ BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 # The globals a CIFAR-10 batch pickle may name: numpy's array reconstruction,
 # under its NumPy 1 and NumPy 2 module names, and the codec that Python 3 uses to
@@ -76,11 +78,16 @@ def find_batches_folder(directory: Path) -> tuple[Path | None, str]:
 
   Returns:
     (the folder, "") when all six batch files are present, else (None, the reason).
+
+  Raises:
+    DataFormatError: a batch file's name is taken by a folder (or other non-file).
   """
   if not directory.is_dir():
     return None, "does not exist" if not directory.exists() else "is not a folder"
   names = (*TRAIN_BATCHES, TEST_BATCH)
   for folder in (directory, directory / BATCH_FOLDER):
+    for n in names:
+      check_not_other_entry(folder / n, "a CIFAR-10 batch file")
     present = [n for n in names if (folder / n).is_file()]
     if len(present) == len(names):
       return folder, ""
@@ -100,11 +107,12 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     DataFormatError: the file is not a CIFAR-10 batch pickle, or its data or
       labels have the wrong shape, count or range.
   """
+  with open(path, "rb") as f:
+    contents = f.read()  # reads from memory stay within the file's size
   try:
-    with open(path, "rb") as f:
-      batch = _ArrayUnpickler(f, encoding="bytes").load()
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-    raise DataFormatError(path, f"not a CIFAR-10 batch pickle ({e})") from e
+    batch = _ArrayUnpickler(io.BytesIO(contents), encoding="bytes").load()
+  except Exception as e:  # damaged pickles fail in many ways (KeyError, LookupError, ...)
+    raise DataFormatError(path, f"not a CIFAR-10 batch pickle ({type(e).__name__}: {e})") from e
   if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
     raise DataFormatError(path, "not a CIFAR-10 batch: expected a dict with b'data', b'labels'")
   data_ND = np.asarray(batch[b"data"])
@@ -126,7 +134,7 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
   return x_NHWC, labels_N.astype(np.int32)
 
 
-def read_batches_folder(folder: Path) -> Arrays:
+def read_batches_folder(folder: Path) -> SplitArrays:
   """Reads the five training batches and the test batch.
 
   Returns:

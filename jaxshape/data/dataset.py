@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -117,6 +118,17 @@ def _describe(a: object) -> str:
   if isinstance(a, np.ndarray):
     return f"{a.dtype} array of shape {a.shape}"
   return type(a).__name__
+
+
+def check_not_other_entry(path: Path, expected: str) -> None:
+  """Raises `DataFormatError` when `path` exists but is not a regular file (e.g. a folder).
+
+  A data file's name held by a folder is a mistake to report, not a missing
+  file to look for elsewhere.
+  """
+  if path.exists() and not path.is_file():
+    kind = "a folder" if path.is_dir() else "not a regular file"
+    raise DataFormatError(path, f"is {kind}, expected {expected}")
 
 
 def check_labels(y_N: np.ndarray, num_classes: int, path: str | os.PathLike[str]) -> np.ndarray:

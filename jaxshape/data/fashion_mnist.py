@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxshape._typing import SplitArrays
 from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.dataset import check_not_other_entry
 from jaxshape.data.idx import read_idx
 
 __all__ = [
@@ -61,8 +63,6 @@ IDX_FILES = {
 # keeps them in data/fashion).
 _SUBDIRS = ("", "fashion-mnist", "fashion_mnist", "fashion")
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
 
 def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
   """Finds the four IDX files in `directory` or one of its usual sub-folders.
@@ -71,6 +71,10 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
 
   Returns:
     (files by role, "") when all four are present, else (None, the reason).
+
+  Raises:
+    DataFormatError: a file's name is taken by something that is not a file
+      (a folder, a socket, ...).
   """
   if not directory.is_dir():
     return None, "does not exist" if not directory.exists() else "is not a folder"
@@ -83,6 +87,7 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
         if (folder / name).is_file():
           files[role] = folder / name
           break
+        check_not_other_entry(folder / name, "an IDX file")
     if len(files) == len(IDX_FILES):
       return files, ""
     if files and not partial:
@@ -93,7 +98,7 @@ def find_idx_files(directory: Path) -> tuple[dict[str, Path] | None, str]:
   return None, f"holds no {IDX_FILES['train_images']}[.gz] (nor its sub-folders {_SUBDIRS[1:]})"
 
 
-def read_idx_files(files: dict[str, Path]) -> Arrays:
+def read_idx_files(files: dict[str, Path]) -> SplitArrays:
   """Reads and cross-checks the four IDX files found by `find_idx_files`.
 
   Returns:
@@ -127,7 +132,7 @@ def read_idx_files(files: dict[str, Path]) -> Arrays:
   return tuple(out)
 
 
-def split_3_4(arrays: Arrays, *, seed: int) -> dict[str, np.ndarray]:
+def split_3_4(arrays: SplitArrays, *, seed: int) -> dict[str, np.ndarray]:
   """Selects FashionMNIST-3/4: dress (class 3 -> 0) vs coat (class 4 -> 1).
 
   Of each class's training images, a seeded random `HOLDOUT_FRACTION` (600 of

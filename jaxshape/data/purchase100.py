@@ -18,13 +18,16 @@ References:
 
 from __future__ import annotations
 
-import zipfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
+from jaxshape._typing import SplitArrays
+from jaxshape.data import npz
 from jaxshape.data.dataset import DataFormatError
 from jaxshape.data.dataset import check_labels
+from jaxshape.data.dataset import check_not_other_entry
 from jaxshape.data.dataset import check_unit_features
 
 __all__ = [
@@ -65,27 +68,29 @@ HOW_TO_GET = "\n".join(
   ]
 )
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
 
 def find_file(data_dir: Path) -> tuple[Path | None, str]:
   """Returns (`data_dir` itself if it is a file, else the first known file name in it, "").
 
   Returns (None, the reason) when there is none.
+
+  Raises:
+    DataFormatError: a known file name is taken by a folder (or other non-file).
   """
   if data_dir.is_file():
     return data_dir, ""
   if not data_dir.is_dir():
-    return None, "does not exist"
+    return None, "does not exist" if not data_dir.exists() else "is neither a file nor a folder"
   for folder in (data_dir, data_dir / "purchase100"):
     for name in FILE_NAMES:
       if (folder / name).is_file():
         return folder / name, ""
+      check_not_other_entry(folder / name, "a Purchase-100 file")
   return None, f"holds none of {', '.join(FILE_NAMES)} (nor purchase100/ with one of them)"
 
 
-def read_file(path: Path, *, seed: int) -> Arrays:
-  """Reads an `.npz` (recognised by its zip signature) or a CSV release file.
+def read_file(path: Path, *, seed: int) -> SplitArrays:
+  """Reads an `.npz` (a `.npz` name or a zip signature) or a CSV release file.
 
   Args:
     path: the file.
@@ -95,36 +100,40 @@ def read_file(path: Path, *, seed: int) -> Arrays:
   Returns:
     (x_train_ND, y_train_N, x_test_ND, y_test_N): float32 features in [0, 1]
     and int32 labels in [0, 100).
+
+  Raises:
+    DataFormatError: the file is damaged or malformed (see `read_npz`,
+      `read_csv`); the message names it.
   """
-  if zipfile.is_zipfile(path):
+  try:
+    looks_like_npz = path.suffix == ".npz" or npz.is_zip(path)
+  except OSError as e:
+    raise DataFormatError(path, f"cannot be read ({e})") from e
+  if looks_like_npz:
     return read_npz(path)
   return read_csv(path, seed=seed)
 
 
-def read_npz(path: Path) -> Arrays:
+def read_npz(path: Path) -> SplitArrays:
   """Reads an `.npz` with arr_0..arr_3 = x_train, y_train, x_test, y_test.
 
   Raises:
-    DataFormatError: missing arrays, mismatched shapes, labels outside
-      [0, 100), NaN or features outside [0, 1].
+    DataFormatError: a truncated or corrupt archive, missing arrays,
+      mismatched shapes, labels outside [0, 100), NaN or features outside
+      [0, 1].
   """
-  try:
-    with np.load(path, allow_pickle=False) as npz:
-      missing = [k for k in ("arr_0", "arr_1", "arr_2", "arr_3") if k not in npz.files]
-      if missing:
-        raise DataFormatError(
-          path,
-          f"lacks {', '.join(missing)} (has {', '.join(npz.files) or 'nothing'}); "
-          "expected arr_0..arr_3 = x_train, y_train, x_test, y_test",
-        )
-      x_train, y_train, x_test, y_test = (npz[f"arr_{i}"] for i in range(4))
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    if isinstance(e, DataFormatError):
-      raise
-    raise DataFormatError(path, f"not a readable .npz file ({e})") from e
+  arrays = npz.read_npz(path)
+  missing = [k for k in ("arr_0", "arr_1", "arr_2", "arr_3") if k not in arrays]
+  if missing:
+    raise DataFormatError(
+      path,
+      f"lacks {', '.join(missing)} (has {', '.join(arrays) or 'nothing'}); "
+      "expected arr_0..arr_3 = x_train, y_train, x_test, y_test",
+    )
+  x_train, y_train, x_test, y_test = (arrays[f"arr_{i}"] for i in range(4))
   out = []
   for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-    if x.ndim != 2:
+    if x.ndim != 2 or x_train.ndim != 2:
       raise DataFormatError(path, f"x_{split} has shape {x.shape}, expected [N, D]")
     if x.shape[1] != x_train.shape[1]:
       raise DataFormatError(
@@ -150,7 +159,7 @@ def _from_one_hot(y: np.ndarray, path: Path) -> np.ndarray:
 
 def read_csv(
   path: Path, *, seed: int, num_train: int = NUM_TRAIN, num_test: int = NUM_TEST
-) -> Arrays:
+) -> SplitArrays:
   """Reads the CSV release and draws disjoint random training and test records.
 
   Args:
@@ -166,14 +175,18 @@ def read_csv(
     DataFormatError: unparsable or ragged lines, a class outside 1..100, NaN or
       features outside [0, 1], or fewer than num_train + num_test records.
   """
-  try:
-    # Integers parse twice as fast; anything else (fractions, NaN) is parsed as floats.
-    table_NF = np.loadtxt(path, delimiter=",", dtype=np.int16, ndmin=2)
-  except ValueError:
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "loadtxt: input contained no data")  # raised below
     try:
-      table_NF = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
-    except ValueError as e:
-      raise DataFormatError(path, f"not a comma-separated table of numbers ({e})") from e
+      # Integers parse twice as fast; anything else (fractions, NaN) is parsed as floats.
+      table_NF = np.loadtxt(path, delimiter=",", dtype=np.int16, ndmin=2)
+    except ValueError:
+      try:
+        table_NF = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+      except ValueError as e:
+        raise DataFormatError(path, f"not a comma-separated table of numbers ({e})") from e
+  if table_NF.shape[0] == 0:
+    raise DataFormatError(path, "holds no records")
   num_records = table_NF.shape[0]
   if table_NF.shape[1] < 2:
     raise DataFormatError(path, "expected a class and at least one feature per line")

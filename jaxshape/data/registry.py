@@ -1,4 +1,4 @@
-"""`load(name)`: the data sets of the paper by name, from the first source that has them.
+"""`load(name)`: the data sets of the paper by name, from `data_dir` or the first source with them.
 
 Shapes: N examples, H height, W width, C channels, D features.
 """
@@ -16,6 +16,7 @@ from jaxshape.data import fashion_mnist
 from jaxshape.data import purchase100
 from jaxshape.data import sources
 from jaxshape.data import two_moons
+from jaxshape.data.dataset import DataFormatError
 from jaxshape.data.dataset import DataNotFoundError
 from jaxshape.data.dataset import Dataset
 from jaxshape.data.dataset import to_unit_float
@@ -63,10 +64,15 @@ def load(
 ) -> Dataset:
   """Loads a data set of the paper as numpy arrays.
 
-  Sources, in order: `data_dir`; for FashionMNIST the Debian package's copy
-  in /usr/share/datasets/fashion-mnist; then, for FashionMNIST and CIFAR-10,
-  tensorflow-datasets (`tfds.data_source`, into `data_dir` or tfds' default
-  folder). Purchase-100 comes only from a user's file; two moons is generated.
+  An explicit `data_dir` is the only place looked: its files (or a copy
+  tensorflow-datasets prepared inside it), never another source, so a run
+  never silently trains on other data than the user named. Without one:
+  for FashionMNIST the Debian package's copy in
+  /usr/share/datasets/fashion-mnist, then, for FashionMNIST and CIFAR-10,
+  tensorflow-datasets (`tfds.data_source`, in tfds' folder: `TFDS_DATA_DIR`
+  or ~/tensorflow_datasets; downloaded when `download`). Purchase-100 comes
+  only from a user's file; two moons is generated. `Dataset.source` says
+  where the data came from (write it into the experiment's config.json).
 
   | name                | train  | holdout | test   | input    | classes |
   |---------------------|--------|---------|--------|----------|---------|
@@ -91,11 +97,13 @@ def load(
     A `Dataset`.
 
   Raises:
-    ValueError: an unknown `name` or a bad `seed`.
-    DataNotFoundError: (a FileNotFoundError) no source has the data; the
-      message lists every place looked and how to get the data.
-    DataFormatError: (a ValueError) a data file is corrupt or malformed; the
-      message names the file and the problem.
+    ValueError: an unknown `name`, a bad `seed`, or a `data_dir` for two_moons.
+    DataNotFoundError: (a FileNotFoundError) no source has the data (with
+      `data_dir`: the folder is missing, not a folder, or lacks files); the
+      message names every place looked and how to get the data.
+    DataFormatError: (a ValueError) a data file is corrupt, truncated or
+      malformed, or a data file's name is taken by a folder; the message
+      names the file and the problem.
 
   Example:
     >>> ds = load("fashion_mnist_3_4", seed=0)  # doctest: +SKIP
@@ -115,6 +123,11 @@ def load(
   data_dir = Path(data_dir).expanduser() if data_dir is not None else None
 
   if name == "two_moons":
+    if data_dir is not None:
+      raise ValueError(
+        f"data_dir={os.fspath(data_dir)!r} given for two_moons, which is generated, "
+        "not read from files; pass data_dir=None"
+      )
     x_train, y_train, x_test, y_test = two_moons.split_two_moons(seed=seed)
     return Dataset(name, x_train, y_train, x_test, y_test, 2, source="generated")
   if name == "purchase100":
@@ -160,52 +173,72 @@ def load(
 
 
 def _find_fashion_mnist(data_dir: Path | None, download: bool):
-  places = []
   if data_dir is not None:
-    places.append((f"data_dir {data_dir}", data_dir))
-  system_dir = sources.SYSTEM_FASHION_MNIST_DIR
-  places.append((f"{system_dir} (Debian package dataset-fashion-mnist)", system_dir))
-  looked = []
-  for label, directory in places:
-    files, reason = fashion_mnist.find_idx_files(directory)
+    files, reason = fashion_mnist.find_idx_files(data_dir)
     if files is not None:
-      where = str(files["train_images"].parent)
-      _note_fallback(looked, where)
-      return fashion_mnist.read_idx_files(files), where
-    looked.append(f"{label}: {reason}")
-  arrays = _try_tfds("fashion_mnist", (28, 28, 1), data_dir, download, looked)
-  if arrays is None:
-    raise DataNotFoundError(_not_found_message("FashionMNIST", looked, _FASHION_MNIST_HOW_TO))
-  return arrays, "tfds:fashion_mnist"
+      return fashion_mnist.read_idx_files(files), str(files["train_images"].parent)
+    how_to = _FASHION_MNIST_HOW_TO
+    return _from_data_dir_tfds("fashion_mnist", (28, 28, 1), data_dir, reason, how_to)
+  system_dir = sources.SYSTEM_FASHION_MNIST_DIR
+  files, reason = fashion_mnist.find_idx_files(system_dir)
+  if files is not None:
+    return fashion_mnist.read_idx_files(files), str(files["train_images"].parent)
+  looked = [f"{system_dir} (Debian package dataset-fashion-mnist): {reason}"]
+  return _from_tfds("fashion_mnist", (28, 28, 1), download, looked, _FASHION_MNIST_HOW_TO)
 
 
 def _find_cifar10(data_dir: Path | None, download: bool):
-  looked = []
   if data_dir is not None:
     folder, reason = cifar10.find_batches_folder(data_dir)
     if folder is not None:
       return cifar10.read_batches_folder(folder), str(folder)
-    looked.append(f"data_dir {data_dir}: {reason}")
-  arrays = _try_tfds("cifar10", (32, 32, 3), data_dir, download, looked)
-  if arrays is None:
-    raise DataNotFoundError(_not_found_message("CIFAR-10", looked, _CIFAR10_HOW_TO))
-  return arrays, "tfds:cifar10"
+    return _from_data_dir_tfds("cifar10", (32, 32, 3), data_dir, reason, _CIFAR10_HOW_TO)
+  return _from_tfds("cifar10", (32, 32, 3), download, [], _CIFAR10_HOW_TO)
 
 
-def _try_tfds(tfds_name, image_shape, data_dir, download, looked):
-  """The arrays from tensorflow-datasets, or None after noting in `looked` why not."""
+def _from_data_dir_tfds(tfds_name, image_shape, data_dir, reason, how_to):
+  """The data set as tensorflow-datasets prepared it inside `data_dir`, and nothing else.
+
+  An explicit `data_dir` is the only place looked: no system copy, no
+  download (a user who names a folder must not silently train on other data).
+  """
+  prepared = data_dir / tfds_name
+  if sources.is_prepared(prepared):
+    try:
+      arrays = sources.load_tfds(
+        tfds_name, image_shape=image_shape, num_classes=10, data_dir=data_dir, download=False
+      )
+    except sources.TfdsUnavailableError as e:
+      raise DataFormatError(prepared, f"tensorflow-datasets could not read it ({e})") from e
+    return arrays, f"tfds:{tfds_name} ({data_dir})"
+  title = {"fashion_mnist": "FashionMNIST", "cifar10": "CIFAR-10"}[tfds_name]
+  looked = [
+    f"data_dir {data_dir}: {reason}",
+    f"data_dir {data_dir}: no data set prepared by tensorflow-datasets in {prepared}",
+  ]
+  message = _not_found_message(title, looked, how_to)
+  raise DataNotFoundError(
+    message + "\nAn explicit data_dir is the only place looked (no system copy, no download); "
+    "omit data_dir to use those, or set TFDS_DATA_DIR for tensorflow-datasets' folder."
+  )
+
+
+def _from_tfds(tfds_name, image_shape, download, looked, how_to):
+  """The arrays from tensorflow-datasets' own folder, or DataNotFoundError listing `looked`."""
   try:
     arrays = sources.load_tfds(
-      tfds_name, image_shape=image_shape, num_classes=10, data_dir=data_dir, download=download
+      tfds_name, image_shape=image_shape, num_classes=10, data_dir=None, download=download
     )
   except sources.TfdsUnavailableError as e:
     looked.append(
-      f"tensorflow-datasets {tfds_name!r} in {sources.tfds_data_dir(data_dir)} "
+      f"tensorflow-datasets {tfds_name!r} in {sources.tfds_data_dir(None)} "
       f"(download={download}): {e}"
     )
-    return None
-  _note_fallback(looked, f"tfds:{tfds_name}")
-  return arrays
+    title = {"fashion_mnist": "FashionMNIST", "cifar10": "CIFAR-10"}[tfds_name]
+    raise DataNotFoundError(_not_found_message(title, looked, how_to)) from None
+  if looked:
+    _log.warning("Loading %s from tensorflow-datasets; not found in: %s", tfds_name, looked)
+  return arrays, f"tfds:{tfds_name} ({sources.tfds_data_dir(None)})"
 
 
 def _load_purchase100(data_dir: Path | None, seed: int) -> Dataset:
@@ -220,11 +253,6 @@ def _load_purchase100(data_dir: Path | None, seed: int) -> Dataset:
   return Dataset(
     "purchase100", x_train, y_train, x_test, y_test, purchase100.NUM_CLASSES, source=str(path)
   )
-
-
-def _note_fallback(looked: list[str], where: str) -> None:
-  if looked:
-    _log.warning("Loading from %s; not found in: %s", where, "; ".join(looked))
 
 
 def _not_found_message(title: str, looked: list[str], how_to: str) -> str:

@@ -1,9 +1,10 @@
 """Where data comes from besides a user's folder: the system copy and tensorflow-datasets.
 
-`jaxshape.data.load` tries, in order: the `data_dir` it is given, the Debian
+Without a `data_dir`, `jaxshape.data.load` tries, in order: the Debian
 package's FashionMNIST (`SYSTEM_FASHION_MNIST_DIR`), then tensorflow-datasets,
 which downloads and prepares the data on first use where the machine has
-internet. tensorflow-datasets is imported only here, lazily, and used through
+internet. With a `data_dir`, only that folder (and a copy tfds prepared in it)
+is read. tensorflow-datasets is imported only here, lazily, and used through
 `tfds.data_source`, which needs no TensorFlow.
 
 Shapes: N examples, H height, W width, C channels.
@@ -26,6 +27,7 @@ __all__ = [
   "DOWNLOAD_HOSTS",
   "SYSTEM_FASHION_MNIST_DIR",
   "TfdsUnavailableError",
+  "is_prepared",
   "load_tfds",
   "network_reachable",
   "tfds_data_dir",
@@ -128,7 +130,7 @@ def tfds_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
   return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
 
 
-def _is_prepared(folder: Path) -> bool:
+def is_prepared(folder: Path) -> bool:
   """Whether tfds finished preparing a data set in `folder` (`<version>/dataset_info.json`).
 
   An interrupted or failed download leaves an empty `folder` behind, which is
@@ -165,7 +167,7 @@ def load_tfds(
     DataFormatError: the data it provided has the wrong shape or labels.
   """
   root = tfds_data_dir(data_dir)
-  prepared = _is_prepared(Path(root) / name)
+  prepared = is_prepared(Path(root) / name)
   if not download and not prepared:
     raise TfdsUnavailableError(f"not prepared in {Path(root) / name}, and download=False")
   if download and not prepared and name in DOWNLOAD_HOSTS:

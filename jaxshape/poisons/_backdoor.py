@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape.poisons import _validate
+from jaxshape import _validate
 from jaxshape.poisons.poison_set import PoisonSet
 from jaxshape.poisons.poison_set import Trigger
 from jaxshape.poisons.poison_set import apply_trigger
+from jaxshape.poisons.poison_set import take_rows
 
 
 @functools.partial(jax.jit, static_argnames=("num_poisons",))
@@ -56,7 +57,7 @@ def backdoor_poisons(
     )
   idx_P = pick_points(key, jnp.asarray(eligible_N), num_poisons=num_poisons)
   return PoisonSet(
-    x=apply_trigger(_validate.take_rows(x_N, idx_P), trigger),
+    x=apply_trigger(take_rows(x_N, idx_P), trigger),
     y=jnp.asarray(np.full([num_poisons], target_class, np.int32)),
     attack=attack,
     base_idx=idx_P,

@@ -21,13 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
 from jaxshape.poisons import _backdoor
-from jaxshape.poisons import _validate
 from jaxshape.poisons.poison_set import PoisonSet
 from jaxshape.poisons.poison_set import Trigger
 from jaxshape.poisons.poison_set import apply_trigger
-
-ArrayLike = jax.typing.ArrayLike
 
 
 def blend_trigger(

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape.poisons import _validate
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
 from jaxshape.poisons.poison_set import PoisonSet
-
-ArrayLike = jax.typing.ArrayLike
+from jaxshape.poisons.poison_set import take_rows
 
 
 @jax.jit
@@ -112,9 +112,9 @@ def watermark(
       f"base_idx and target_idx differ in length: {base_P.shape} vs {target_P.shape}"
     )
   _validate.check_range("alpha", alpha, 0.0, 1.0)
-  x_base_P, y_P = _validate.take_rows((x_N, y_N), base_P)
+  x_base_P, y_P = take_rows((x_N, y_N), base_P)
   return PoisonSet(
-    x=overlay(x_base_P, _validate.take_rows(x_T, target_P), alpha),
+    x=overlay(x_base_P, take_rows(x_T, target_P), alpha),
     y=y_P,
     attack="watermark",
     base_idx=base_P,

@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape.poisons import _validate
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
 from jaxshape.poisons.poison_set import PoisonSet
-
-ArrayLike = jax.typing.ArrayLike
+from jaxshape.poisons.poison_set import take_rows
 
 
 @functools.partial(jax.jit, static_argnames=("num_poisons", "num_classes"))
@@ -78,7 +78,7 @@ def label_flip(
   num_poisons = _validate.num_from_ratio(ratio, x_N.shape[0])
   idx_P, y_P = flip_labels(key, y_N, num_poisons=num_poisons, num_classes=num_classes)
   return PoisonSet(
-    x=_validate.take_rows(x_N, idx_P),
+    x=take_rows(x_N, idx_P),
     y=y_P,
     attack="label_flip",
     base_idx=idx_P,

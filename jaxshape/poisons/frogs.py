@@ -38,12 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshape import _validate
 from jaxshape import models as models_lib
-from jaxshape.poisons import _validate
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Params
 from jaxshape.poisons.poison_set import PoisonSet
-
-ArrayLike = jax.typing.ArrayLike
-Params = Any
+from jaxshape.poisons.poison_set import take_rows
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_candidates"))
@@ -320,7 +320,7 @@ def poison_frogs(
   if loop not in ("while", "host"):
     raise ValueError(f"loop must be 'while' or 'host', got {loop!r}")
 
-  x_clean_K, y_K = _validate.take_rows((x_N, y_N), base_K)
+  x_clean_K, y_K = take_rows((x_N, y_N), base_K)
   x_base_K = _overlay(x_clean_K, x_t, jnp.float32(watermark)) if watermark > 0.0 else x_clean_K
   lr, b = jnp.float32(learning_rate), jnp.float32(beta)
   stop = jnp.float32(stop_distance)
@@ -350,7 +350,7 @@ def poison_frogs(
   order = np.argsort(distance_K, kind="stable")
   if not keep_rejected:
     order = order[accepted_K[order]]
-  rows = _validate.take_rows(
+  rows = take_rows(
     {
       "x": state.x_K,
       "y": y_K,

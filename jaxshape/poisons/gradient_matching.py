@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxshape.poisons import _validate
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Params
 from jaxshape.poisons.poison_set import PoisonSet
-
-ArrayLike = jax.typing.ArrayLike
-Params = Any
+from jaxshape.poisons.poison_set import take_rows
 
 
 def _ce_sum(model, params, x_B, y_B):
@@ -379,7 +379,7 @@ def witches_brew(
     base_P = _validate.check_indices("base_idx", base_idx, x_N.shape[0])
     if base_P.shape[0] < 1 or np.any(np.asarray(y_N)[np.asarray(base_P)] != adversarial_class):
       raise ValueError(f"base_idx must name training points of class {adversarial_class}")
-  x_P, y_P = _validate.take_rows((x_N, y_N), base_P)
+  x_P, y_P = take_rows((x_N, y_N), base_P)
   grad_target = target_gradient(model, params, x_t, adversarial_class)
   eps, lr = _float32_at_most(epsilon), jnp.float32(learning_rate)
   recipe = Recipe(steps, augment, max_shift, flip)

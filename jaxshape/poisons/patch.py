@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
 from jaxshape.poisons import _backdoor
-from jaxshape.poisons import _validate
 from jaxshape.poisons.poison_set import PoisonSet
 from jaxshape.poisons.poison_set import Trigger
-
-ArrayLike = jax.typing.ArrayLike
 
 CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
 

@@ -31,13 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape.poisons import _validate
-
-ArrayLike = jax.typing.ArrayLike
-Data = dict[str, jax.Array]
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Data
+from jaxshape.data.dataset import DataFormatError
+from jaxshape.data.npz import read_npz
 
 FORMAT_VERSION = 1
 _INFO_PREFIX = "info/"
+
+
+@jax.jit
+def take_rows(tree: Any, idx: jax.Array) -> Any:
+  """`a[idx]` for every array of a pytree, compiled once per shape (no eager dispatch)."""
+  return jax.tree.map(lambda a: a[idx], tree)
 
 
 class Trigger(NamedTuple):
@@ -108,7 +115,7 @@ def backdoor_test_set(
     target_class = trigger.target_class
   y_M = np.asarray(y)
   keep = np.flatnonzero(y_M != target_class)
-  x_kept = _validate.take_rows(jnp.asarray(x), jnp.asarray(keep, jnp.int32))
+  x_kept = take_rows(jnp.asarray(x), jnp.asarray(keep, jnp.int32))
   y_adv = jnp.asarray(np.full([keep.size], target_class, np.int32))
   return apply_trigger(x_kept, trigger), y_adv
 
@@ -168,10 +175,10 @@ class PoisonSet:
 
   def take(self, indices: ArrayLike) -> PoisonSet:
     """The poisons at `indices` (in that order), with their per-poison info."""
-    idx = jnp.asarray(indices, jnp.int32)
+    idx = _validate.check_indices("indices", indices, len(self))
     rows = {k: jnp.asarray(v) for k, v in self.info.items() if k.endswith("_P")}
     rows.update(x=self.x, y=self.y, base_idx=self.base_idx, target_idx=self.target_idx)
-    rows = _validate.take_rows(rows, idx)
+    rows = take_rows(rows, idx)
     info = {k: rows.pop(k) if k.endswith("_P") else v for k, v in self.info.items()}
     return dataclasses.replace(self, info=info, **rows)
 
@@ -231,6 +238,7 @@ def merge(
     >>> result = train.fit(spec, hparams, key, merge(ds, poisons))
   """
   x_N, y_N, extra, num_classes = _from_dataset_like(data)
+  x_N = _validate.check_inputs("data x", x_N, min_rank=2)
   if not isinstance(poisons, PoisonSet):
     raise ValueError(f"poisons must be a PoisonSet, got {type(poisons).__name__}")
   if x_N.shape[1:] != poisons.x.shape[1:]:
@@ -361,40 +369,91 @@ def load(path: str | os.PathLike[str]) -> PoisonSet:
 
   Raises:
     FileNotFoundError: no file at `path`.
-    ValueError: the file is not a PoisonSet `.npz` (or of a newer format).
+    DataFormatError: (`jaxshape.data.DataFormatError`, a ValueError) the
+      file is not a PoisonSet `.npz`: truncated, failing a CRC-32 check, not
+      a zip archive, missing arrays, unreadable or incomplete `meta` JSON,
+      arrays of the wrong shape or type, or written by a newer jaxshape. The
+      message names the file.
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
+    if os.path.exists(path):
+      raise DataFormatError(path, "is not a regular file, expected a PoisonSet .npz")
     raise FileNotFoundError(f"no PoisonSet file at {path}")
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      arrays = {k: f[k] for k in f.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+  arrays = read_npz(path)
   missing = {"x", "y", "base_idx", "target_idx", "meta"} - set(arrays)
   if missing:
-    raise ValueError(f"{path}: not a PoisonSet file (missing {sorted(missing)})")
-  meta = json.loads(str(arrays["meta"]))
-  if meta.get("format_version", 0) > FORMAT_VERSION:
-    raise ValueError(f"{path}: written by a newer jaxshape (format {meta['format_version']})")
+    raise DataFormatError(path, f"not a PoisonSet file (missing {sorted(missing)})")
+  meta = _read_meta(path, arrays["meta"])
+  x = arrays["x"]
+  if x.dtype.kind != "f" or x.ndim < 2:
+    raise DataFormatError(path, f"x is {x.dtype} {x.shape}, expected float [P, ...]")
+  p = x.shape[0]
+  for name in ("y", "base_idx", "target_idx"):
+    if arrays[name].dtype.kind not in "iu" or arrays[name].shape != (p,):
+      raise DataFormatError(
+        path, f"{name} is {arrays[name].dtype} {arrays[name].shape}, expected integers [{p}]"
+      )
   trigger = None
-  if "trigger_mask" in arrays:
-    trigger = Trigger(jnp.asarray(arrays["trigger_mask"]), jnp.asarray(arrays["trigger_pattern"]))
+  if "trigger_mask" in arrays or "trigger_pattern" in arrays:
+    mask, pattern = arrays.get("trigger_mask"), arrays.get("trigger_pattern")
+    if mask is None or pattern is None or mask.shape != x.shape[1:] or pattern.shape != mask.shape:
+      raise DataFormatError(path, f"trigger arrays must both have the input shape {x.shape[1:]}")
+    trigger = Trigger(jnp.asarray(mask, jnp.float32), jnp.asarray(pattern, jnp.float32))
   info = {
     k.removeprefix(_INFO_PREFIX): jnp.asarray(v)
     for k, v in arrays.items()
     if k.startswith(_INFO_PREFIX)
   }
-  return PoisonSet(
-    x=jnp.asarray(arrays["x"]),
-    y=jnp.asarray(arrays["y"]),
-    attack=meta["attack"],
-    base_idx=jnp.asarray(arrays["base_idx"]),
-    target_idx=jnp.asarray(arrays["target_idx"]),
-    target_class=meta["target_class"],
-    base_split=meta["base_split"],
-    target_split=meta["target_split"],
-    trigger=trigger,
-    config=meta["config"],
-    info=info,
-  )
+  try:
+    return PoisonSet(
+      x=jnp.asarray(x, jnp.float32),
+      y=jnp.asarray(arrays["y"], jnp.int32),
+      attack=meta["attack"],
+      base_idx=jnp.asarray(arrays["base_idx"], jnp.int32),
+      target_idx=jnp.asarray(arrays["target_idx"], jnp.int32),
+      target_class=meta["target_class"],
+      base_split=meta["base_split"],
+      target_split=meta["target_split"],
+      trigger=trigger,
+      config=meta["config"],
+      info=info,
+    )
+  except ValueError as e:  # PoisonSet's own shape checks (e.g. per-poison info)
+    raise DataFormatError(path, f"not a consistent PoisonSet ({e})") from e
+
+
+# The fields of `meta` and their JSON types.
+_META_TYPES = {
+  "format_version": int,
+  "attack": str,
+  "target_class": int,
+  "base_split": str,
+  "target_split": str,
+  "config": dict,
+}
+
+
+def _read_meta(path: str, meta_array: np.ndarray) -> dict[str, Any]:
+  """The `meta` JSON of a PoisonSet file, checked field by field."""
+  if meta_array.shape != () or meta_array.dtype.kind != "U":
+    raise DataFormatError(path, f"meta is {meta_array.dtype} {meta_array.shape}, expected a string")
+  try:
+    meta = json.loads(str(meta_array))
+  except ValueError as e:  # json.JSONDecodeError is a ValueError
+    raise DataFormatError(path, f"meta is not valid JSON ({e})") from e
+  if not isinstance(meta, dict):
+    raise DataFormatError(path, f"meta is a JSON {type(meta).__name__}, expected an object")
+  for name, kind in _META_TYPES.items():
+    if name not in meta:
+      raise DataFormatError(path, f"meta lacks {name!r}")
+    value = meta[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+      raise DataFormatError(path, f"meta {name!r} is {value!r}, expected a {kind.__name__}")
+  if meta["format_version"] > FORMAT_VERSION:
+    raise DataFormatError(
+      path,
+      f"written by a newer jaxshape (format {meta['format_version']} > {FORMAT_VERSION}); "
+      "upgrade jaxshape to read it",
+    )
+  return meta

@@ -47,10 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxshape.poisons import _validate
+from jaxshape import _validate
+from jaxshape._typing import ArrayLike
 from jaxshape.poisons.poison_set import PoisonSet
-
-ArrayLike = jax.typing.ArrayLike
 
 # Checkpoints of the published code: iterations 3, 6, ..., 48, then every 10 to 200.
 DEFAULT_CHECKPOINTS = tuple(range(3, 49, 3)) + tuple(range(50, 201, 10))

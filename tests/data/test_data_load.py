@@ -4,7 +4,6 @@ moons, and the errors on missing or bad data."""
 
 import ast
 import gzip
-import logging
 import pickle
 import socket
 import struct
@@ -174,22 +173,65 @@ def test_data_dir_comes_before_system_copy(tmp_path, tiny_fmnist, monkeypatch):
   assert data.load("fashion_mnist", data_dir=mine).source == str(mine)
 
 
-def test_falls_back_to_system_copy_with_a_warning(tmp_path, tiny_fmnist, monkeypatch, caplog):
-  monkeypatch.setattr(sources, "SYSTEM_FASHION_MNIST_DIR", tiny_fmnist)
+def _missing(tmp_path):
+  return tmp_path / "nowhere", DataNotFoundError, "nowhere: does not exist"
+
+
+def _incomplete(tmp_path):
+  folder = write_fashion_mnist(tmp_path / "mine", tiny_labels(10), tiny_labels(10), gz=True)
+  (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+  return folder, DataNotFoundError, "mine lacks t10k-labels-idx1-ubyte\\[.gz\\]"
+
+
+def _empty_file_among_files(tmp_path):
   (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")  # an incomplete folder
-  with caplog.at_level(logging.WARNING):
-    ds = data.load("fashion_mnist", data_dir=tmp_path)
-  assert ds.source == str(tiny_fmnist)
-  assert "lacks train-labels-idx1-ubyte[.gz]" in caplog.text
+  return tmp_path, DataNotFoundError, "lacks train-labels-idx1-ubyte\\[.gz\\]"
 
 
-def test_no_data_anywhere_lists_places_and_remedies(tmp_path, no_system_copy):
+def _a_file(tmp_path):
+  path = tmp_path / "train-images-idx3-ubyte.gz"
+  path.write_bytes(b"not a folder")
+  return path, DataNotFoundError, "train-images-idx3-ubyte.gz: is not a folder"
+
+
+def _folder_where_a_file_should_be(tmp_path):
+  folder = write_fashion_mnist(tmp_path / "mine", tiny_labels(10), tiny_labels(10), gz=True)
+  (folder / "train-labels-idx1-ubyte.gz").unlink()
+  (folder / "train-labels-idx1-ubyte.gz").mkdir()
+  return folder, DataFormatError, "train-labels-idx1-ubyte.gz: is a folder, expected an IDX file"
+
+
+@pytest.mark.parametrize(
+  "make_data_dir",
+  [_missing, _incomplete, _empty_file_among_files, _a_file, _folder_where_a_file_should_be],
+)
+@pytest.mark.parametrize("name", ["fashion_mnist", "fashion_mnist_3_4"])
+def test_explicit_data_dir_is_never_replaced(
+  tmp_path, tiny_fmnist, monkeypatch, name, make_data_dir
+):
+  # The system copy is present and tfds may download: neither is used instead of data_dir.
+  monkeypatch.setattr(sources, "SYSTEM_FASHION_MNIST_DIR", tiny_fmnist)
+  monkeypatch.setattr(sources, "network_reachable", lambda *a, **k: pytest.fail("probed"))
+  data_dir, error, message = make_data_dir(tmp_path)
+  with pytest.raises(error, match=message) as info:
+    data.load(name, data_dir=data_dir, download=True)
+  assert str(data_dir) in str(info.value)
+  if error is DataNotFoundError:
+    assert "only place looked" in str(info.value) and "make data" in str(info.value)
+
+
+def test_without_data_dir_the_system_copy_is_the_source(tiny_fmnist, monkeypatch):
+  monkeypatch.setattr(sources, "SYSTEM_FASHION_MNIST_DIR", tiny_fmnist)
+  assert data.load("fashion_mnist").source == str(tiny_fmnist)
+
+
+def test_no_data_anywhere_lists_places_and_remedies(tmp_path, no_system_copy, monkeypatch):
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   before = listing(tmp_path)
   with pytest.raises(DataNotFoundError) as info:
-    data.load("fashion_mnist_3_4", data_dir=tmp_path, download=False)
+    data.load("fashion_mnist_3_4", download=False)
   message = str(info.value)
   assert isinstance(info.value, FileNotFoundError)
-  assert f"data_dir {tmp_path}: holds no train-images-idx3-ubyte[.gz]" in message
   assert f"{sources.SYSTEM_FASHION_MNIST_DIR} (Debian package dataset-fashion-mnist)" in message
   assert f"tensorflow-datasets 'fashion_mnist' in {tmp_path} (download=False)" in message
   for remedy in ("make data", "--data_dir", "train-images-idx3-ubyte.gz", "downloads it"):
@@ -217,22 +259,44 @@ def network(monkeypatch):
   return probe
 
 
-def test_tfds_source_under_mock_data(tmp_path, no_system_copy, network):
+def test_tfds_source_under_mock_data(tmp_path, no_system_copy, network, monkeypatch):
   # tfds.testing.mock_data works with tfds.data_source when a split is named (without a
   # split it returns {} because the mocked builder knows no splits), and the mocked
   # source's __getitems__ is broken (unbound), so the loader indexes example by example.
   # The network probe says "reachable": the download path is taken as before.
   tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   with tfds.testing.mock_data(num_examples=12):
-    fm = data.load("fashion_mnist", data_dir=tmp_path)
-    cifar = data.load("cifar10", data_dir=tmp_path)
-  assert fm.source == "tfds:fashion_mnist"
+    fm = data.load("fashion_mnist")
+    cifar = data.load("cifar10")
+  assert fm.source == f"tfds:fashion_mnist ({tmp_path})"
   assert fm.x_train.shape == (12, 28, 28, 1) and fm.x_test.shape == (12, 28, 28, 1)
-  assert cifar.source == "tfds:cifar10"
+  assert cifar.source == f"tfds:cifar10 ({tmp_path})"
   assert cifar.x_train.shape == (12, 32, 32, 3) and cifar.y_test.shape == (12,)
   for ds in (fm, cifar):
     assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
     assert ds.y_train.dtype == np.int32 and 0 <= ds.y_train.min() and ds.y_train.max() < 10
+
+
+def test_tfds_copy_prepared_inside_data_dir_is_used(tmp_path, no_system_copy, network):
+  # A data_dir may hold tfds' own prepared copy; it is read without any download.
+  tfds = pytest.importorskip("tensorflow_datasets")
+  (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
+  (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+  network.reachable = False
+  with tfds.testing.mock_data(num_examples=5):
+    ds = data.load("cifar10", data_dir=tmp_path)
+  assert ds.source == f"tfds:cifar10 ({tmp_path})" and ds.x_train.shape == (5, 32, 32, 3)
+  assert network.calls == []
+
+
+def test_data_dir_is_not_a_download_folder(tmp_path, network, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  monkeypatch.setattr(tfds, "data_source", lambda *a, **k: pytest.fail("tfds was asked"))
+  with pytest.raises(DataNotFoundError) as info:
+    data.load("cifar10", data_dir=tmp_path, download=True)
+  assert f"data_dir {tmp_path}: holds neither cifar-10-batches-py/" in str(info.value)
+  assert "TFDS_DATA_DIR" in str(info.value) and network.calls == []
 
 
 @pytest.mark.parametrize("prepared", ["absent", "empty folder"])
@@ -247,10 +311,10 @@ def test_offline_download_fails_fast_listing_places(tmp_path, network, monkeypat
   monkeypatch.setattr(tfds, "data_source", no_tfds)
   if prepared == "empty folder":  # what an interrupted download leaves behind
     (tmp_path / "cifar10").mkdir()
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
   with pytest.raises(DataNotFoundError) as info:
-    data.load("cifar10", data_dir=tmp_path, download=True)
+    data.load("cifar10", download=True)
   message = str(info.value)
-  assert f"data_dir {tmp_path}: holds neither cifar-10-batches-py/" in message
   assert f"tensorflow-datasets 'cifar10' in {tmp_path} (download=True)" in message
   assert "network is unreachable" in message and "mocked: no route" in message
   assert "cifar-10-python.tar.gz" in message
@@ -265,7 +329,7 @@ def test_probe_only_before_a_download(tmp_path, network, monkeypatch):
   network.reachable = False
   (tmp_path / "cifar10" / "3.0.2").mkdir(parents=True)
   (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
-  assert sources._is_prepared(tmp_path / "cifar10")
+  assert sources.is_prepared(tmp_path / "cifar10")
   tfds = pytest.importorskip("tensorflow_datasets")
 
   def reached_tfds(*args, **kwargs):
@@ -572,6 +636,28 @@ def _purchase_npz_missing_array(tmp_path):
   return _purchase_npz(tmp_path, arr_3=None), "lacks arr_3"
 
 
+def _purchase_npz_truncated(tmp_path):
+  path = _purchase_npz(tmp_path) / "purchase100.npz"
+  path.write_bytes(path.read_bytes()[:-300])  # zipfile.is_zipfile says False: still an .npz
+  return path, "purchase100.npz: not a readable .npz file"
+
+
+def _purchase_npz_truncated_other_name(tmp_path):
+  contents = (_purchase_npz(tmp_path) / "purchase100.npz").read_bytes()
+  (tmp_path / "purchase100.npz").unlink()
+  path = tmp_path / "dataset_purchase"  # a CSV name, but zip bytes: read as an .npz
+  path.write_bytes(contents[: len(contents) // 2])
+  return path, "dataset_purchase: not a readable .npz file"
+
+
+def _purchase_npz_bad_crc(tmp_path):
+  path = _purchase_npz(tmp_path) / "purchase100.npz"
+  contents = bytearray(path.read_bytes())
+  contents[200] ^= 0xFF  # inside arr_0's data: only the CRC-32 notices
+  path.write_bytes(bytes(contents))
+  return path, "purchase100.npz: not a readable .npz file \\(BadZipFile: Bad CRC-32"
+
+
 def _purchase_csv_label_range(tmp_path):
   path = write_purchase_csv(
     tmp_path / "dataset_purchase", 50, first_lines=["101," + "0," * 15 + "1"]
@@ -616,6 +702,9 @@ def _purchase_csv_too_small(tmp_path):
     ("purchase100", _purchase_feature_range),
     ("purchase100", _purchase_npz_label_range),
     ("purchase100", _purchase_npz_missing_array),
+    ("purchase100", _purchase_npz_truncated),
+    ("purchase100", _purchase_npz_truncated_other_name),
+    ("purchase100", _purchase_npz_bad_crc),
     ("purchase100", _purchase_csv_label_range),
     ("purchase100", _purchase_csv_label_zero),
     ("purchase100", _purchase_csv_nan),
@@ -634,6 +723,29 @@ def test_bad_input_raises_value_error_naming_file(tmp_path, capsys, name, make_b
   assert "must never run" not in capsys.readouterr().out
 
 
+def _cifar_batch_is_a_folder(tmp_path):
+  folder = write_cifar(tmp_path)
+  (folder / "data_batch_3").unlink()
+  (folder / "data_batch_3").mkdir()
+  return folder / "data_batch_3", "a CIFAR-10 batch file"
+
+
+def _purchase_name_is_a_folder(tmp_path):
+  (tmp_path / "purchase100.npz").mkdir()
+  return tmp_path / "purchase100.npz", "a Purchase-100 file"
+
+
+@pytest.mark.parametrize(
+  "name, make_bad_input",
+  [("cifar10", _cifar_batch_is_a_folder), ("purchase100", _purchase_name_is_a_folder)],
+)
+def test_folder_where_a_data_file_should_be(tmp_path, name, make_bad_input):
+  path, expected = make_bad_input(tmp_path)
+  with pytest.raises(DataFormatError, match=f"is a folder, expected {expected}") as info:
+    data.load(name, data_dir=tmp_path, download=False)
+  assert info.value.path == str(path)
+
+
 @pytest.mark.parametrize(
   "kwargs, message",
   [
@@ -641,6 +753,7 @@ def test_bad_input_raises_value_error_naming_file(tmp_path, capsys, name, make_b
     ({"name": "two_moons", "seed": -1}, "seed must be an integer >= 0"),
     ({"name": "two_moons", "seed": 1.5}, "seed must be an integer >= 0"),
     ({"name": "two_moons", "seed": True}, "seed must be an integer >= 0"),
+    ({"name": "two_moons", "data_dir": "mine"}, "given for two_moons, which is generated"),
   ],
 )
 def test_bad_arguments(kwargs, message):

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+import re
 
 import pytest
 
@@ -81,3 +82,30 @@ def test_rerun_skips_finished_jobs(smoke):
   again = indiscriminate.run(dataclasses.replace(config, attacks=("label_flip",)))
   assert os.path.getmtime(os.path.join(config.out, "epochs.csv")) == before
   assert len(again["rows"]) == len(out["rows"]) // 2
+
+
+def test_demo_table_is_readable(smoke):
+  """`make demo`'s final table: defenses x poison ratios, RAD mean ± std, clean acc, epsilon."""
+  config, out = smoke
+  text = indiscriminate.summary_table(out["rows"], config)
+  for attack in config.attacks:
+    assert f"{attack}: RAD at the best epoch, mean ± std over {config.seeds} seeds" in text
+  header = next(line for line in text.splitlines() if line.startswith("defense"))
+  assert header.split() == ["defense", "0%", "poisons", "40%", "poisons", "clean", "acc", "epsilon"]
+  labels = [
+    line.split("  ")[0]
+    for line in text.splitlines()
+    if line.startswith(("vanilla", "clip", "noise", "adaptive"))
+  ]
+  assert labels == ["vanilla", "clip C=4", "noise C=4 s=0.001", "adaptive C=4 s=0.1"] * len(
+    config.attacks
+  )
+  number = r"-?\d+(?:\.\d+)?(?:e[-+]\d+)?"
+  mean_std = re.compile(rf"^{number} ± {number}$|^{number}$")
+  for line in text.splitlines():
+    if line.startswith(("vanilla", "clip", "noise", "adaptive")):
+      cells = re.split(r"\s{2,}", line.strip())
+      assert len(cells) == 5, line  # label, two ratios, clean acc, epsilon
+      assert all(mean_std.match(c) for c in cells[1:4]), line
+      assert re.match(rf"^({number}(–{number})?|inf|-)$", cells[4]), line
+  assert "poisson sampling" in text and "sampling='shuffle'" in text

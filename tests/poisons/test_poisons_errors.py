@@ -13,6 +13,8 @@ Y3 = np.arange(12, dtype=np.int32) % 3
 Y2 = Y3 % 2
 X_NAN = X.copy()
 X_NAN[3, 2, 1, 0] = np.nan
+X_UINT8 = np.round(X * 255).astype(np.uint8)  # pixels not divided by 255
+X_NEGATIVE = X - 0.5  # standardised inputs
 MODEL = models.LR(3)
 PARAMS = models.init_params(MODEL, KEY, (8, 8, 1))
 IDX = np.array([0, 3], np.int32)
@@ -136,6 +138,50 @@ CASES = {
   "brew-nan-target": (
     lambda: poisons.witches_brew(KEY, MODEL, PARAMS, X_NAN[3], 2, X, Y3, budget=2),
     "x_target",
+  ),
+  # Pixels outside [0, 1], strings for numbers, empty data, indices out of range.
+  "flip-uint8-pixels": (
+    lambda: poisons.label_flip(KEY, X_UINT8, Y3, 0.1),
+    "x holds values in [0, 25",
+  ),
+  "flip-negative-inputs": (lambda: poisons.label_flip(KEY, X_NEGATIVE, Y3, 0.1), "x holds values"),
+  "flip-no-examples": (lambda: poisons.label_flip(KEY, X[:0], Y3[:0], 0.1), "x holds no examples"),
+  "flip-ratio-string": (lambda: poisons.label_flip(KEY, X, Y3, "0.1"), "ratio must be a number"),
+  "flip-string-inputs": (
+    lambda: poisons.label_flip(KEY, np.full((12, 2), "a"), Y3, 0.1),
+    "x must be an array of numbers",
+  ),
+  "watermark-uint8-pixels": (lambda: poisons.watermark(X_UINT8, Y3, IDX, IDX, 0.5), "x holds"),
+  "patch-uint8-pixels": (
+    lambda: poisons.patch_backdoor(KEY, X_UINT8, Y3, 0.1, 1, size=2),
+    "x holds values",
+  ),
+  "blend-uint8-pixels": (lambda: poisons.blend(KEY, X_UINT8, Y3, 0.1, 1), "x holds values"),
+  "blend-pattern-uint8": (
+    lambda: poisons.blend(KEY, X, Y3, 0.1, 1, pattern=X_UINT8[0]),
+    "pattern holds values",
+  ),
+  "blend-lam-string": (lambda: poisons.blend(KEY, X, Y3, 0.1, 1, lam="a"), "lam must be a number"),
+  "steinhardt-uint8-pixels": (lambda: poisons.steinhardt(X_UINT8, Y2, 0.3), "x holds values"),
+  "trigger-uint8-pixels": (
+    lambda: poisons.apply_trigger(X_UINT8, poisons.patch_trigger((8, 8, 1), 2)),
+    "x holds values",
+  ),
+  "merge-uint8-pixels": (
+    lambda: poisons.merge((X_UINT8, Y3), poisons.label_flip(KEY, X, Y3, 0.1)),
+    "data x holds values",
+  ),
+  "take-index-out-of-range": (
+    lambda: poisons.label_flip(KEY, X, Y3, 0.5).take([100]),
+    "indices has indices outside",
+  ),
+  "frogs-uint8-pool": (
+    lambda: poisons.poison_frogs(MODEL, PARAMS, X[0], X_UINT8, Y3, IDX),
+    "x_pool holds values",
+  ),
+  "brew-uint8-target": (
+    lambda: poisons.witches_brew(KEY, MODEL, PARAMS, X_UINT8[3], 2, X, Y3, budget=2),
+    "x_target holds values",
   ),
 }
 

@@ -1,6 +1,7 @@
 """Tests jaxshape/poisons/poison_set.py: PoisonSet, merge, triggers, save/load."""
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxshape import poisons
+from jaxshape.data import DataFormatError
 from jaxshape.data.dataset import Dataset
 
 
@@ -195,3 +197,98 @@ def test_merge_replace_writes_poisons_over_their_bases():
     poisons.merge(
       (x, y), dataclasses.replace(ps, base_idx=jnp.array([4, 4], jnp.int32)), replace=True
     )
+
+
+# ------------------------------------------------------------- damaged PoisonSet files
+
+
+def _saved_bytes(tmp_path) -> bytes:
+  path = tmp_path / "good.npz"
+  poisons.save(path, _small_set())
+  return path.read_bytes()
+
+
+def _rewrite(tmp_path, **changes):
+  """A PoisonSet file whose arrays (or `meta` JSON text) are replaced by `changes`."""
+  with np.load(tmp_path / "good.npz") as f:
+    arrays = {k: f[k] for k in f.files}
+  arrays.update(changes)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  path = tmp_path / "bad.npz"
+  np.savez(path, **arrays)
+  return path
+
+
+def _meta(**changes):
+  meta = {
+    "format_version": 1,
+    "attack": "patch",
+    "target_class": 1,
+    "base_split": "train",
+    "target_split": "",
+    "config": {},
+  }
+  meta.update(changes)
+  meta = {k: v for k, v in meta.items() if v is not None}
+  return np.asarray(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    ({"meta": np.asarray('{"attack": "patch", ')}, "meta is not valid JSON"),
+    ({"meta": np.asarray("[1, 2]")}, "meta is a JSON list"),
+    ({"meta": _meta(attack=None)}, "meta lacks 'attack'"),
+    ({"meta": _meta(target_class="1")}, "meta 'target_class' is '1', expected a int"),
+    ({"meta": _meta(format_version=99)}, "newer jaxshape \\(format 99 > 1\\)"),
+    ({"meta": np.zeros(3)}, "meta is float64 \\(3,\\), expected a string"),
+    ({"base_idx": None}, "missing \\['base_idx'\\]"),
+    ({"y": np.zeros(3, np.int32)}, "y is int32 \\(3,\\), expected integers \\[4\\]"),
+    ({"y": np.zeros(4, np.float32)}, "y is float32"),
+    ({"x": np.zeros(4, np.float32)}, "expected float \\[P, ...\\]"),
+    ({"trigger_pattern": None}, "trigger arrays must both have"),
+    ({"info/score_P": np.zeros(2)}, "not a consistent PoisonSet"),
+  ],
+)
+def test_load_malformed_contents_raise_data_format_error(tmp_path, changes, message):
+  _saved_bytes(tmp_path)
+  path = _rewrite(tmp_path, **changes)
+  with pytest.raises(DataFormatError, match=message) as info:
+    poisons.load(path)
+  assert isinstance(info.value, ValueError) and info.value.path == str(path)
+  assert str(path) in str(info.value)
+
+
+def test_load_truncated_at_any_offset_raises_data_format_error(tmp_path):
+  contents = _saved_bytes(tmp_path)
+  path = tmp_path / "cut.npz"
+  for cut in sorted({0, 1, 4, 30, 100, len(contents) // 2, len(contents) - 22, len(contents) - 1}):
+    path.write_bytes(contents[:cut])
+    with pytest.raises(DataFormatError, match="not a readable .npz") as info:
+      poisons.load(path)
+    assert info.value.path == str(path), cut
+
+
+def test_load_crc_corruption_raises_data_format_error(tmp_path):
+  contents = bytearray(_saved_bytes(tmp_path))
+  offset = contents.index(b"\x93NUMPY") + 200  # inside the first array's data
+  contents[offset] ^= 0x01
+  path = tmp_path / "flipped.npz"
+  path.write_bytes(bytes(contents))
+  with pytest.raises(DataFormatError, match="Bad CRC-32") as info:
+    poisons.load(path)
+  assert info.value.path == str(path)
+
+
+def test_load_refuses_a_folder_and_object_arrays(tmp_path):
+  (tmp_path / "dir.npz").mkdir()
+  with pytest.raises(DataFormatError, match="not a regular file"):
+    poisons.load(tmp_path / "dir.npz")
+  _saved_bytes(tmp_path)
+  path = tmp_path / "objects.npz"
+  with np.load(tmp_path / "good.npz") as f:
+    arrays = {k: f[k] for k in f.files}
+  arrays["x"] = np.array([{"a": 1}], dtype=object)
+  np.savez(path, **arrays)
+  with pytest.raises(DataFormatError, match="Python objects; refused"):
+    poisons.load(path)

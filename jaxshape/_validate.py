@@ -1,8 +1,10 @@
-"""Argument checks shared by the attacks: raise `ValueError` naming the argument.
+"""Argument checks for the public boundary: each raises `ValueError` naming the argument.
 
-Checks run at the public boundary on concrete values only; a traced value
-(under `jit` or `vmap`) passes through unchecked, so the pure cores stay
-usable inside a sweep.
+The one home of validation helpers for transforms, training, poisons, loaders
+and experiments. Checks run on concrete values only; a traced value (under
+`jit`, `vmap` or `optax.inject_hyperparams`) passes through unchecked, so the
+pure cores stay usable inside a sweep (STYLE.md: validate at the public
+boundary; inside jitted code keep going safely).
 """
 
 from __future__ import annotations
@@ -26,12 +28,17 @@ def check_range(
     raise ValueError(f"{name} is required")
   if is_traced(value):
     return
-  array = np.asarray(value, dtype=np.float64)
+  left = "(" if lo_open else "["
+  right = ")" if hi_open else "]"
+  try:
+    if isinstance(value, str | bytes | bool) or np.asarray(value).dtype.kind in "USOb":
+      raise TypeError(type(value).__name__)
+    array = np.asarray(value, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be a number in {left}{lo}, {hi}{right}, got {value!r}") from e
   lo_ok = array > lo if lo_open else array >= lo
   hi_ok = array < hi if hi_open else array <= hi
   if np.any(np.isnan(array)) or not np.all(lo_ok & hi_ok):
-    left = "(" if lo_open else "["
-    right = ")" if hi_open else "]"
     raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}, got {value!r}")
 
 
@@ -55,42 +62,91 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
   return value
 
 
+def check_count(name: str, value: Any, lo: int) -> None:
+  """Raises ValueError unless a concrete `value` is a whole number >= `lo` (and finite).
+
+  Unlike `check_int`, accepts an array or a float holding a whole number (a
+  hyperparameter that may also arrive traced), e.g. `steps_per_epoch`.
+  """
+  if value is None:
+    raise ValueError(f"{name} is required (a whole number >= {lo})")
+  if is_traced(value):
+    return
+  array = np.asarray(value)
+  if array.dtype.kind not in "iubf":
+    raise ValueError(f"{name} must be a whole number >= {lo}, got {value!r}")
+  array = array.astype(np.float64)
+  if not np.all(np.isfinite(array)) or np.any(array != np.round(array)) or np.any(array < lo):
+    raise ValueError(f"{name} must be a whole number >= {lo}, got {value!r}")
+
+
 def check_key(key: Any) -> None:
+  """Raises ValueError unless `key` is a (concrete or traced) JAX PRNG key array."""
   if key is None:
     raise ValueError("key is required: pass a jax.random.key(...) (no silent default)")
+  if is_traced(key):
+    return
   if not isinstance(key, jax.Array | np.ndarray):
     raise ValueError(f"key must be a jax PRNG key array, got {type(key).__name__}")
 
 
 @jax.jit
-def _count_nonfinite(x: jax.Array) -> jax.Array:
-  return jnp.sum(~jnp.isfinite(x))
+def _range_summary(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(number of non-finite entries, min and max of the finite ones) in one pass."""
+  finite = jnp.isfinite(x)
+  lo = jnp.min(jnp.where(finite, x, jnp.inf), initial=jnp.inf)
+  hi = jnp.max(jnp.where(finite, x, -jnp.inf), initial=-jnp.inf)
+  return jnp.sum(~finite), lo, hi
 
 
-@jax.jit
-def take_rows(tree: Any, idx: jax.Array) -> Any:
-  """`a[idx]` for every array of a pytree, compiled once per shape (no eager dispatch)."""
-  return jax.tree.map(lambda a: a[idx], tree)
+def _range_summary_host(x: np.ndarray) -> tuple[int, float, float]:
+  finite = np.isfinite(x)
+  if not finite.any():
+    return int(x.size), np.inf, -np.inf
+  return int(np.sum(~finite)), float(x[finite].min()), float(x[finite].max())
 
 
 def check_inputs(name: str, x: Any, *, min_rank: int = 1) -> jax.Array:
-  """Returns `x` as a float32 array; refuses NaN (and infinities) with ValueError."""
+  """Returns `x` as a float32 array of pixels or features in [0, 1], or raises ValueError.
+
+  Refuses NaN, infinities and values outside [0, 1] (e.g. uint8 images in
+  0..255: divide by 255 first), naming `name` and the range found.
+  """
   if x is None:
     raise ValueError(f"{name} is required")
   if is_traced(x):
     return x.astype(jnp.float32)
-  if isinstance(x, jax.Array):
-    array = x if x.dtype == jnp.float32 else jnp.asarray(x, jnp.float32)
-    bad = int(_count_nonfinite(array)) if array.ndim >= min_rank else 0
-  else:
-    host = np.asarray(x, dtype=np.float32)
-    bad = int(np.sum(~np.isfinite(host)))
-    array = jnp.asarray(host)
+  try:
+    array = x if isinstance(x, jax.Array) else np.asarray(x)
+    if array.dtype.kind not in "fiub":
+      raise TypeError(array.dtype)
+    array = jnp.asarray(array, jnp.float32)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{name} must be an array of numbers, got {_describe(x)}") from e
   if array.ndim < min_rank:
     raise ValueError(f"{name} must have rank >= {min_rank}, got shape {array.shape}")
+  if min_rank >= 2 and array.shape[0] == 0:
+    raise ValueError(f"{name} holds no examples (shape {array.shape})")
+  if array.size == 0:
+    return array
+  summary = _range_summary(array)
+  if any(is_traced(v) for v in summary):  # called while tracing an outer jit: check on the host
+    summary = _range_summary_host(np.asarray(x, np.float32))
+  bad, lo, hi = (float(v) for v in summary)
   if bad:
-    raise ValueError(f"{name} holds {bad} NaN or infinite values; clean the inputs first")
+    raise ValueError(f"{name} holds {int(bad)} NaN or infinite values; clean the inputs first")
+  if lo < 0.0 or hi > 1.0:
+    raise ValueError(
+      f"{name} holds values in [{lo:g}, {hi:g}], expected pixels or features in [0, 1]"
+      + (" (uint8 images: divide by 255)" if hi > 1.0 and lo >= 0.0 else "")
+    )
   return array
+
+
+def _describe(x: Any) -> str:
+  if hasattr(x, "dtype") and hasattr(x, "shape"):
+    return f"{x.dtype} array of shape {tuple(x.shape)}"
+  return type(x).__name__
 
 
 def check_labels(name: str, y: Any, n: int, num_classes: int | None) -> tuple[jax.Array, int]:
