@@ -9,11 +9,11 @@ Effectiveness of Mitigating Data Poisoning Attacks with Gradient Shaping".
 from jaxshape import accounting
 from jaxshape import analysis
 from jaxshape import models
+from jaxshape import per_example
 from jaxshape import report
 from jaxshape import results
 from jaxshape import sweep
 from jaxshape import train
-from jaxshape import per_example
 from jaxshape.grads import ClippedSum
 from jaxshape.grads import per_example_grads
 from jaxshape.grads import per_example_norms

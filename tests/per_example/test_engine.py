@@ -106,7 +106,7 @@ def test_vmap_over_clip_norms_equals_separate_runs(case):
   for i, c in enumerate(clips):
     alone = run(c)
     one = jax.tree.map(lambda v, i=i: v[i], together.sum)
-    chex.assert_trees_all_close(one, alone.sum, rtol=1e-6)
+    chex.assert_trees_all_close(one, alone.sum, rtol=1e-5, atol=1e-7)
 
 
 def test_vmap_over_params_and_clip_norms_as_a_sweep_does(case):

@@ -14,7 +14,9 @@ def test_safe_norms_do_not_overflow_or_underflow():
   got = np.asarray(_norms.safe_norms(jnp.asarray(x, jnp.float32)))
   np.testing.assert_allclose(got[:3], [5e20, 5e-30, 0.0], rtol=1e-6)
   assert np.isnan(got[3])
-  np.testing.assert_allclose(_norms.combine([jnp.array([3e30]), jnp.array([4e30])]), [5e30], rtol=1e-6)
+  np.testing.assert_allclose(
+    _norms.combine([jnp.array([3e30]), jnp.array([4e30])]), [5e30], rtol=1e-6
+  )
 
 
 def test_engine_norm_of_huge_finite_gradient_is_finite_and_exact():
