@@ -9,7 +9,7 @@ Defenses, all clipping at C = `--noise_clip` (4): no noise (the common
 anchor), fixed Gaussian noise sigma*C (`--fixed_multipliers`, defense "dp")
 and adaptive noise sigma x previous epoch's mean clipped norm
 (`--adaptive_multipliers`, defense "adaptive"); plus vanilla. For each, the
-multi-poison Poison Frogs attack of `experiments/targeted.py` (standard
+multi-poison Poison Frogs attack of `experiments/targeted/` (standard
 scenario: pre-train and re-train with the defense, poisons 1..k added in
 order over `--poison_counts`) gives the success rate (95% Wilson interval)
 and poisons needed; the clean utility cost is the RAD of the model trained
@@ -41,8 +41,8 @@ seeds (40 target-seeds per defense), poison counts 1, 2, 4, 8; fixed sigma
 with the mean clipped norm, which is below C = 4, so comparable noise needs a
 larger sigma).
 
-The multi-poison re-trainings are `experiments/targeted.py`'s: each poison
-displaces one clean point so every batch is full. Until issue 5 the poisons
+The multi-poison re-trainings are `experiments/targeted/`'s: each poison
+takes the slot of one clean point so every batch is full. Until issue 5 the poisons
 were added, which left a batch of k examples at the end of every epoch,
 averaged at full weight; for the noisy defenses that batch also got the whole
 noise sigma*C / k instead of sigma*C / 100. Results from before that change
@@ -157,14 +157,14 @@ COLUMNS = (
 
 
 def targeted_config(config: Config) -> targeted.Config:
-  """The multi-poison run of experiments/targeted.py this experiment consists of."""
+  """The multi-poison run of experiments/targeted/ this experiment consists of."""
   return targeted.Config(
     out=os.path.join(config.out, "multipoison"),
     data_dir=config.data_dir,
     download=config.download,
     seeds=config.seeds,
     progress=config.progress,
-    attack=config.attack,
+    attacks=(config.attack,),
     mode="multipoison",
     scenario="standard",
     setups=(config.setup,),

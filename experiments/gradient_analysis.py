@@ -61,7 +61,7 @@ largest count where counts differ. Outputs in `--out`:
   gradients.png  ratio (log scale) and cosine vs epoch per scenario, one line
                  per setting (colour) and defense (line style), mean +- std
                  over seeds, for both layer views (Fig. 1, Fig. 4c/4f).
-  pretrained_mlp.npz  the pre-trained MLPs (re-used by a rerun).
+  cache/             the pre-trained MLPs (re-used by a rerun).
 and prints mean-over-epochs ratio and cosine per scenario x setting x defense.
 
 Commands:
@@ -214,17 +214,18 @@ PRESETS = {
 # --- Grid ---------------------------------------------------------------------------------------
 
 
-def defense_grid(config: Config, scenario: str) -> list[tuple[str, float, float]]:
-  """(defense, clip norm, noise multiplier) of every row of a scenario's grid."""
+def defense_grid(config: Config, scenario: str) -> list[common.Defense]:
+  """The `common.Defense` of every row of a scenario's grid: vanilla and/or every
+  (clip norm, noise multiplier) pair."""
   names = config.defenses
   if SCENARIO_SPECS[scenario].retrain and config.retrain_defenses is not None:
     names = config.retrain_defenses
-  grid = []
-  if "vanilla" in names:
-    grid.append(("vanilla", math.inf, 0.0))
+  grid = [common.VANILLA] if "vanilla" in names else []
   if "dp" in names:
     grid += [
-      ("dp", float(c), float(s)) for c in config.clip_norms for s in config.noise_multipliers
+      common.Defense("dp", float(c), float(s))
+      for c in config.clip_norms
+      for s in config.noise_multipliers
     ]
   return list(dict.fromkeys(grid))
 
@@ -361,33 +362,24 @@ def _model(config: Config, scenario: str, num_classes: int):
   return models.MLP(num_classes, hidden=tuple(config.hidden))
 
 
-def _pretrain_signature(config: Config, d: dict[str, Any]) -> str:
-  return (
-    f"hidden={tuple(config.hidden)} epochs={config.pretrain_epochs} "
-    f"lr={config.pretrain_learning_rate} batch={config.pretrain_batch_size} "
-    f"n={d['x'].shape[0]} max_train={config.max_train}"
-  )
-
-
 def pretrain(config: Config, d: dict[str, Any]) -> tuple[Any, np.ndarray]:
   """MLPs trained on the clean (10-class) set, one per seed: (params `[S, ...]`, test acc `[S]`).
 
   Plain SGD (no momentum), batch `pretrain_batch_size`, `pretrain_learning_rate`,
-  `pretrain_epochs`; the seeds run as one vmapped program. The result is
-  cached in `<out>/pretrained_mlp.npz` and re-used while the settings match.
+  `pretrain_epochs`; the seeds run as one vmapped program. The result is cached in
+  `<out>/cache/` (`common.ParamsCache`, keyed by these settings) and re-used by a rerun.
   """
   model = models.MLP(d["num_classes"], hidden=tuple(config.hidden))
   template = models.init_params(model, jax.random.key(0), d["x"].shape[1:])
-  leaves, treedef = jax.tree.flatten(template)
-  path = os.path.join(config.out, "pretrained_mlp.npz")
-  signature = _pretrain_signature(config, d)
-  if os.path.exists(path):
-    with np.load(path) as f:
-      if str(f["signature"]) == signature and f["test_acc"].shape[0] >= config.seeds:
-        params_S = jax.tree.unflatten(
-          treedef, [f[f"leaf_{i}"][: config.seeds] for i in range(len(leaves))]
-        )
-        return params_S, f["test_acc"][: config.seeds]
+  key = {
+    "hidden": tuple(config.hidden),
+    "epochs": config.pretrain_epochs,
+    "learning_rate": config.pretrain_learning_rate,
+    "batch_size": config.pretrain_batch_size,
+    "n": int(d["x"].shape[0]),
+    "max_train": config.max_train,
+    "seeds": config.seeds,
+  }
   spec = train.TrainSpec(
     models.ClassifierLoss(model),
     optimizer="sgd",
@@ -401,23 +393,24 @@ def pretrain(config: Config, d: dict[str, Any]) -> tuple[Any, np.ndarray]:
     params = train.fit(spec, hparams, key, train_data).params
     return params, train.accuracy(model, params, x_test, y_test)
 
-  keys_S = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), _PRETRAIN_SALT))(
-    jnp.arange(config.seeds)
-  )
-  with common.Timer() as timer:
-    params_S, acc_S = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))(
-      keys_S, {"x": d["x"], "y": d["y"]}, d["x_test"], d["y_test"]
+  def train_all():
+    keys_S = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), _PRETRAIN_SALT))(
+      jnp.arange(config.seeds)
     )
-    params_S = jax.tree.map(np.asarray, params_S)
-    acc_S = np.asarray(acc_S)
-  print(
-    f"pre-trained {config.seeds} MLP(s) {tuple(config.hidden)} for {config.pretrain_epochs} "
-    f"epochs in {timer.seconds:.1f} s; clean test accuracy {np.round(acc_S, 4).tolist()}"
-  )
-  arrays = {f"leaf_{i}": leaf for i, leaf in enumerate(jax.tree.leaves(params_S))}
-  with results.atomic_open(path, "wb") as f:
-    np.savez(f, signature=np.asarray(signature), test_acc=acc_S, **arrays)
-  return params_S, acc_S
+    with common.Timer() as timer:
+      params_S, acc_S = jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))(
+        keys_S, {"x": d["x"], "y": d["y"]}, d["x_test"], d["y_test"]
+      )
+      acc_S = np.asarray(acc_S)
+    print(
+      f"pre-trained {config.seeds} MLP(s) {tuple(config.hidden)} for {config.pretrain_epochs} "
+      f"epochs in {timer.seconds:.1f} s; clean test accuracy {np.round(acc_S, 4).tolist()}"
+    )
+    return params_S, acc_S
+
+  cache = common.ParamsCache(os.path.join(config.out, "cache"))
+  params_S, acc_S = cache.get("pretrained_mlp", key, (template, 0), train_all)
+  return params_S, np.asarray(acc_S)
 
 
 # --- The measured training run ------------------------------------------------------------------
@@ -495,14 +488,12 @@ def _build(config: Config, scenario: str, num_classes: int):
     def program(values, key, shared):
       v = values["variant"].astype(jnp.int32)
       px, py = shared["px_V"][v], shared["py_V"][v]
-      n, p = shared["x"].shape[0], px.shape[0]
-      active_P = (jnp.arange(p) < values["n_poisons"]).astype(jnp.float32)
-      fit_data = {
-        "x": jnp.concatenate([shared["x"], px]),
-        "y": jnp.concatenate([shared["y"], py]),
-        "mask": jnp.concatenate([jnp.ones([n], jnp.float32), active_P]),
-        "is_poison": jnp.concatenate([jnp.zeros([n], jnp.float32), active_P]),
-      }
+      no_base = jnp.full(py.shape, -1, jnp.int32)
+      poison_set = poisons.PoisonSet(px, py, "variant", no_base, no_base)
+      # The clean set plus the variant's first `n_poisons` poisons (the rest masked out).
+      fit_data = poisons.merge(
+        {"x": shared["x"], "y": shared["y"]}, poison_set, num_active=values["n_poisons"]
+      )
       init = None
       if spec0.retrain:
         s = values["seed_index"].astype(jnp.int32)
@@ -680,9 +671,7 @@ def format_summary(summary: list[dict]) -> str:
 
 
 def _defense_label(defense, clip, sigma) -> str:
-  if defense == "vanilla":
-    return "vanilla"
-  return f"DP C={float(clip):g}" + (f" s={float(sigma):g}" if float(sigma) else "")
+  return common.Defense(defense, float(clip), float(sigma)).label
 
 
 def plot(path: str, rows: list[dict], config: Config) -> None:

@@ -140,14 +140,12 @@ RESULT_COLUMNS = (
 )
 
 
-def defenses(config: Config) -> list[tuple[str, float, float]]:
-  """(defense, clip norm, noise multiplier) of every row of the grid."""
-  grid = [("vanilla", math.inf, 0.0)]
-  grid += [("dp", c, 0.0) for c in config.clip_norms]
-  grid += [("dp", config.noise_clip, s) for s in config.noise_multipliers]
-  if config.adaptive:
-    grid += [("adaptive", config.noise_clip, s) for s in config.adaptive_multipliers]
-  return list(dict.fromkeys(grid))
+def defenses(config: Config) -> list[common.Defense]:
+  """The `common.Defense` (kind, clip norm, noise multiplier) of every row of the grid."""
+  adaptive = config.adaptive_multipliers if config.adaptive else ()
+  return common.defense_grid(
+    True, config.clip_norms, config.noise_clip, config.noise_multipliers, adaptive
+  )
 
 
 def _load(config: Config):
@@ -301,19 +299,13 @@ def summarize(epoch_rows: list[dict], config: Config, n_clean: int) -> list[dict
 
 
 def _label(defense, clip, sigma):
-  if defense == "vanilla":
-    return "vanilla"
-  if defense == "adaptive":
-    return f"adaptive C={clip:g} s={sigma:g}"
-  return f"clip C={clip:g}" if sigma == 0 else f"noise C={clip:g} s={sigma:g}"
+  return common.Defense(defense, float(clip), float(sigma)).label
 
 
 def summary_table(rows: list[dict], config: Config) -> str:
   """Per attack: defenses x poison ratios, RAD at the best epoch (mean ± std over seeds)."""
   rank = {d: i for i, d in enumerate(defenses(config))}  # lines in the grid's order
-  rows = sorted(
-    rows, key=lambda r: rank.get((r["defense"], r["clip_norm"], r["noise_multiplier"]), len(rank))
-  )
+  rows = sorted(rows, key=lambda r: rank.get(common.Defense.from_row(r), len(rank)))
   parts = []
   for attack in config.attacks:
     parts.append(

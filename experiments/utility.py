@@ -166,10 +166,14 @@ def _validate(config: Config) -> None:
     raise ValueError(f"epochs must be >= 1, got {config.epochs}")
 
 
-def defense_grid(config: Config) -> list[tuple[str, float, float]]:
-  """(defense, clip norm, noise multiplier) of every row of a model's grid."""
-  grid = [("vanilla", math.inf, 0.0)] if config.vanilla else []
-  grid += [("dp", float(c), float(s)) for c in config.clip_norms for s in config.noise_multipliers]
+def defense_grid(config: Config) -> list[common.Defense]:
+  """The `common.Defense` of every row of a model's grid: vanilla and every (C, sigma)."""
+  grid = [common.VANILLA] if config.vanilla else []
+  grid += [
+    common.Defense("dp", float(c), float(s))
+    for c in config.clip_norms
+    for s in config.noise_multipliers
+  ]
   return list(dict.fromkeys(grid))
 
 

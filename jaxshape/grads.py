@@ -16,16 +16,14 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Params = Any
-Batch = Any
-LossFn = Callable[[Params, Batch], jax.Array]
+from jaxshape._typing import Batch
+from jaxshape._typing import LossFn
+from jaxshape._typing import Params
 
 
 class ClippedSum(NamedTuple):

@@ -18,17 +18,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxshape._typing import Batch
+from jaxshape._typing import Params
 from jaxshape.per_example import PerExampleLoss
-
-Params = Any
-Batch = dict[str, jax.Array]
 
 glorot_uniform = nn.initializers.glorot_uniform()
 

@@ -51,12 +51,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxshape import grads as grads_lib
+from jaxshape._typing import Batch
+from jaxshape._typing import Params
 from jaxshape.per_example import _capture
 from jaxshape.per_example import _engine
 from jaxshape.per_example._loss import PerExampleLoss
-
-Params = Any
-Batch = Any
 
 METHODS = ("auto", "vmap", "fast")
 

@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from jaxshape._typing import Params
 from jaxshape.per_example import _conv
 from jaxshape.per_example import _loss
 
-Params = Any
 Path = tuple[str, ...]
 
 # Flax layer type -> (rule kind, parameter names its rule handles).

@@ -25,13 +25,13 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxshape import grads as grads_lib
+from jaxshape._typing import Params
 from jaxshape.per_example import _capture
 from jaxshape.per_example import _conv
 from jaxshape.per_example import _dense
 from jaxshape.per_example import _loss
 from jaxshape.per_example import _norms
 
-Params = Any
 Path = tuple[str, ...]
 
 RULES = {

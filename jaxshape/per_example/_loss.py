@@ -26,8 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Params = Any
-Batch = dict[str, jax.Array]
+from jaxshape._typing import Batch
+from jaxshape._typing import Params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from experiments import _targeted_lib as lib
 from experiments import adaptive_noise
+from experiments.targeted import outcome
 from jaxshape import data
 from jaxshape import results
 
@@ -93,7 +93,7 @@ def test_adaptive_noise_smoke(tmp_path):
   # The underlying multi-poison run: schema, one row per target x defense x seed.
   name = config.setup.replace(":", "_")
   folder = tmp_path / "multipoison" / name
-  assert results.read_header(folder / "targeted.csv") == list(lib.TARGETED_COLUMNS)
+  assert results.read_header(folder / "targeted.csv") == list(outcome.TARGETED_COLUMNS)
   targeted_rows = results.parse(results.read_csv(folder / "targeted.csv"))
   assert len(targeted_rows) == config.targets * len(rows) * config.seeds
   assert {r["defense"] for r in targeted_rows} == {"vanilla", "dp", "adaptive"}

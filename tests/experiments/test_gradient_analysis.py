@@ -105,7 +105,7 @@ def test_csv_schema_rows_and_values(smoke):
     if key[0] != "insertion" and key[7] == "all":
       last = by_key[(*key[:7], "last")]
       assert last["cosine"] == pytest.approx(row["cosine"], abs=0.02)
-  for name in ("gradients.png", "config.json", "pretrained_mlp.npz"):
+  for name in ("gradients.png", "config.json", "cache"):
     assert os.path.getsize(os.path.join(config.out, name)) > 0
   assert len(out["summary"]) == sum(
     len(ga.settings(config, s)) * len(ga.defense_grid(config, s)) for s in config.scenarios
