@@ -305,11 +305,11 @@ def _label(defense, clip, sigma):
 def summary_table(rows: list[dict], config: Config) -> str:
   """Per attack: defenses x poison ratios, RAD at the best epoch (mean ± std over seeds)."""
   rank = {d: i for i, d in enumerate(defenses(config))}  # lines in the grid's order
-  rows = sorted(
-    rows, key=lambda r: rank.get((r["defense"], r["clip_norm"], r["noise_multiplier"]), len(rank))
-  )
+  rows = sorted(rows, key=lambda r: rank.get(common.Defense.from_row(r), len(rank)))
   parts = []
   for attack in config.attacks:
+    if not any(r["attack"] == attack for r in rows):
+      continue
     parts.append(
       f"\n{attack}: RAD at the best epoch, mean ± std over {config.seeds} seeds; "
       "clean acc: best epoch without poisons"

@@ -106,11 +106,13 @@ def _range_summary_host(x: np.ndarray) -> tuple[int, float, float]:
   return int(np.sum(~finite)), float(x[finite].min()), float(x[finite].max())
 
 
-def check_inputs(name: str, x: Any, *, min_rank: int = 1) -> jax.Array:
+def check_inputs(name: str, x: Any, *, min_rank: int = 1, unit_interval: bool = True) -> jax.Array:
   """Returns `x` as a float32 array of pixels or features in [0, 1], or raises ValueError.
 
-  Refuses NaN, infinities and values outside [0, 1] (e.g. uint8 images in
-  0..255: divide by 255 first), naming `name` and the range found.
+  Refuses NaN, infinities and, with `unit_interval`, values outside [0, 1]
+  (e.g. uint8 images in 0..255: divide by 255 first), naming `name` and the
+  range found. `unit_interval=False` is for points whose range is being
+  checked (e.g. candidate poisons in `feasibility`).
   """
   if x is None:
     raise ValueError(f"{name} is required")
@@ -135,7 +137,7 @@ def check_inputs(name: str, x: Any, *, min_rank: int = 1) -> jax.Array:
   bad, lo, hi = (float(v) for v in summary)
   if bad:
     raise ValueError(f"{name} holds {int(bad)} NaN or infinite values; clean the inputs first")
-  if lo < 0.0 or hi > 1.0:
+  if unit_interval and (lo < 0.0 or hi > 1.0):
     raise ValueError(
       f"{name} holds values in [{lo:g}, {hi:g}], expected pixels or features in [0, 1]"
       + (" (uint8 images: divide by 255)" if hi > 1.0 and lo >= 0.0 else "")

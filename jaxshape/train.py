@@ -12,9 +12,16 @@ of hyperparameters and seeds and compiled once:
   >>> fit_grid = jax.jit(jax.vmap(functools.partial(fit, spec), in_axes=(0, 0, None)))
   >>> result = fit_grid(hparams_G, keys_G, train_data)
 
-Each epoch visits every example once: the data are shuffled, cut into
-ceil(N / B) batches, and the last partial batch is padded with masked
-examples (mask 0: no gradient, not counted), never dropped.
+Each epoch visits every example once (`jaxshape.batching`: shuffled, cut
+into ceil(N / B) batches, the last one padded with masked examples, never
+dropped).
+
+One path from hyperparameters to an update: `fit` builds the optimizer once
+(`make_optimizer`); `train_step` clips once (`clipped_sum_and_norms`),
+computes the norm statistics once (`transforms.clip_statistics`, which reach
+the per-epoch records) and hands the `ClippedSum` to the optimizer, which
+adds noise (`add_gaussian_noise` / `add_adaptive_noise`) and steps. "vanilla"
+with `track_norms` is "dp" with C = inf and sigma = 0 (`defense_hparams`).
 
 References:
   Hong et al. 2020, §6.1 (training setup), Appendix B (DP-SGD / DP-Adam),
@@ -26,32 +33,49 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxshape import grads as grads_lib
+from jaxshape import _validate
 from jaxshape import models as models_lib
+from jaxshape import per_example
 from jaxshape import transforms
+from jaxshape._typing import ArrayLike
+from jaxshape._typing import Batch
 from jaxshape._typing import Data
 from jaxshape._typing import Params
+from jaxshape.batching import epoch_batches
+from jaxshape.batching import num_examples
+from jaxshape.batching import steps_per_epoch
 
 DEFENSES = ("vanilla", "dp", "adaptive")
 OPTIMIZERS = ("sgd", "adam")
 
 
+def _check_hparams(learning_rate, l2_norm_clip, noise_multiplier) -> None:
+  """ValueError for concrete out-of-range hyperparameters (traced ones pass unchecked)."""
+  _validate.check_range("learning_rate", learning_rate, 0.0, math.inf, hi_open=True)
+  _validate.check_range("l2_norm_clip", l2_norm_clip, 0.0, math.inf, lo_open=True)
+  _validate.check_range("noise_multiplier", noise_multiplier, 0.0, math.inf, hi_open=True)
+
+
 class HParams(NamedTuple):
   """Numeric hyperparameters: scalars, or vectors with a leading grid axis under vmap."""
 
-  learning_rate: jax.Array  # [] float32
-  l2_norm_clip: jax.Array  # [] float32; inf means no clipping
-  noise_multiplier: jax.Array  # [] float32; 0 means no noise
+  learning_rate: jax.Array  # [] float32, in [0, inf)
+  l2_norm_clip: jax.Array  # [] float32, in (0, inf]; inf means no clipping
+  noise_multiplier: jax.Array  # [] float32, in [0, inf); 0 means no noise
 
   @classmethod
   def create(cls, learning_rate, l2_norm_clip=math.inf, noise_multiplier=0.0) -> HParams:
+    """Float32 hyperparameters; concrete values out of range raise ValueError naming them."""
+    _check_hparams(learning_rate, l2_norm_clip, noise_multiplier)
     f = lambda v: jnp.asarray(v, jnp.float32)
     return cls(f(learning_rate), f(l2_norm_clip), f(noise_multiplier))
 
@@ -66,10 +90,11 @@ class TrainSpec:
     defense: "vanilla" (plain gradients), "dp" (clip to C, Gaussian noise
       sigma*C on the sum; sigma = 0 is clipping only) or "adaptive" (clip to C,
       then noise sigma x previous epoch's mean norm, §7.2).
-    batch_size: examples per step.
-    epochs: passes over the data.
-    momentum: SGD momentum (None: plain SGD).
-    track_norms: with "vanilla", also compute per-example norm statistics.
+    batch_size: examples per step, an int >= 1.
+    epochs: passes over the data, an int >= 0.
+    momentum: SGD momentum in [0, 1) (None: plain SGD).
+    track_norms: with "vanilla", also record per-example norm statistics: the
+      step is then "dp" with C = inf and sigma = 0 (same code, same result).
   """
 
   loss_fn: Any
@@ -81,27 +106,39 @@ class TrainSpec:
   track_norms: bool = False
 
   def __post_init__(self):
+    if not callable(self.loss_fn):
+      raise ValueError(f"loss_fn must be callable as loss_fn(params, batch), got {self.loss_fn!r}")
+    try:
+      hash(self.loss_fn)
+    except TypeError as e:
+      raise ValueError(
+        "loss_fn must be hashable (a function or a frozen dataclass such as ClassifierLoss)"
+      ) from e
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
     if self.defense not in DEFENSES:
       raise ValueError(f"defense must be one of {DEFENSES}, got {self.defense!r}")
-    if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    if self.epochs < 0:
-      raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+    _validate.check_int("batch_size", self.batch_size, 1)
+    _validate.check_int("epochs", self.epochs, 0)
+    if self.momentum is not None:
+      _validate.check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+    if not isinstance(self.track_norms, bool):
+      raise ValueError(f"track_norms must be a bool, got {self.track_norms!r}")
 
   @property
   def model(self):
     return self.loss_fn.model
 
-  def steps_per_epoch(self, num_examples: int) -> int:
-    return -(-num_examples // self.batch_size)
+  @property
+  def per_example(self) -> bool:
+    """Whether a step computes per-example norms (every defense, and vanilla with track_norms)."""
+    return self.defense != "vanilla" or self.track_norms
 
 
 class TrainState(NamedTuple):
   params: Params
   opt_state: optax.OptState
-  step: jax.Array  # [] int32
+  step: jax.Array  # [] int32: updates so far
 
 
 class StepMetrics(NamedTuple):
@@ -112,133 +149,72 @@ class StepMetrics(NamedTuple):
   num_nonfinite: jax.Array  # [] int32 examples dropped for a non-finite gradient
 
 
+def defense_hparams(spec: TrainSpec, hparams: HParams) -> HParams:
+  """The hyperparameters the defense applies: "vanilla" is "dp" with C = inf and sigma = 0."""
+  if spec.defense != "vanilla":
+    return hparams
+  inf, zero = jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(0.0, jnp.float32)
+  return hparams._replace(l2_norm_clip=inf, noise_multiplier=zero)
+
+
 def make_optimizer(
-  spec: TrainSpec, hparams: HParams, key: jax.Array, steps_per_epoch: int
+  spec: TrainSpec, hparams: HParams, key: jax.Array, steps_per_epoch: ArrayLike
 ) -> optax.GradientTransformation:
-  """The optax chain for `spec.defense` with traced `hparams` (see `TrainSpec`)."""
+  """The update rule of a run, built once per `fit` (`hparams` may be traced).
+
+  Without per-example norms (plain "vanilla") it is the base optimizer on the
+  mean gradient. Otherwise it takes the step's `ClippedSum` (clipping happens
+  in `train_step`, once) and adds noise before the base optimizer:
+  `add_gaussian_noise` for "dp" (and for "vanilla" with `track_norms`, as "dp"
+  with C = inf, sigma = 0: no noise is drawn), `add_adaptive_noise` for
+  "adaptive" (`steps_per_epoch` marks its epochs).
+  """
+  hp = defense_hparams(spec, hparams)
   if spec.optimizer == "sgd":
-    base = optax.sgd(hparams.learning_rate, momentum=spec.momentum)
+    base = optax.sgd(hp.learning_rate, momentum=spec.momentum)
   else:
-    base = optax.adam(hparams.learning_rate)
-  if spec.defense == "vanilla":
+    base = optax.adam(hp.learning_rate)
+  if not spec.per_example:
     return base
-  clip = transforms.clip_per_example(hparams.l2_norm_clip)
-  if spec.defense == "dp":
-    noise = transforms.add_gaussian_noise(hparams.noise_multiplier, hparams.l2_norm_clip, key)
+  if spec.defense == "adaptive":
+    noise = transforms.add_adaptive_noise(hp.noise_multiplier, steps_per_epoch, key)
   else:
-    noise = transforms.add_adaptive_noise(hparams.noise_multiplier, steps_per_epoch, key)
-  return optax.chain(clip, noise, base)
+    noise = transforms.add_gaussian_noise(hp.noise_multiplier, hp.l2_norm_clip, key)
+  return optax.chain(noise, base)
 
 
-def init_state(spec, hparams, params, key, steps_per_epoch) -> TrainState:
-  opt = make_optimizer(spec, hparams, key, steps_per_epoch)
-  return TrainState(params, opt.init(params), jnp.zeros([], jnp.int32))
+def init_state(optimizer: optax.GradientTransformation, params: Params) -> TrainState:
+  return TrainState(params, optimizer.init(params), jnp.zeros([], jnp.int32))
 
 
 def train_step(
   spec: TrainSpec,
   hparams: HParams,
+  optimizer: optax.GradientTransformation,
   state: TrainState,
-  batch: Data,
-  key: jax.Array,
-  steps_per_epoch: int,
+  batch: Batch,
 ) -> tuple[TrainState, StepMetrics]:
   """One update on `batch` (a dict with x, y and a float `mask`). Pure; jit it.
 
-  `key` must be the same noise key on every step of a run (the transforms
-  fold in the step count); `steps_per_epoch` matters only to "adaptive".
+  With per-example norms (`spec.per_example`) this is where clipping happens
+  (`clipped_sum_and_norms` at the defense's C) and where the norm statistics
+  are computed; `optimizer` (from `make_optimizer`) adds noise and steps.
   """
-  opt = make_optimizer(spec, hparams, key, steps_per_epoch)
-  nan = jnp.full([], jnp.nan, jnp.float32)
-  if spec.defense == "vanilla" and not spec.track_norms:
-    loss, grad = jax.value_and_grad(spec.loss_fn)(state.params, batch)
-    updates, opt_state = opt.update(grad, state.opt_state, state.params)
-    metrics = StepMetrics(loss, nan, nan, nan, jnp.zeros([], jnp.int32))
-  else:
+  if spec.per_example:
     loss = spec.loss_fn(state.params, batch)
-    clipped = grads_lib.clipped_sum_and_norms(
-      spec.loss_fn, state.params, batch, hparams.l2_norm_clip
-    )
-    if spec.defense == "vanilla":
-      real = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
-      grad = jax.tree.map(lambda g: g / real, clipped.sum)
-      updates, opt_state = opt.update(grad, state.opt_state, state.params)
-    else:
-      updates, opt_state = opt.update(clipped, state.opt_state, state.params)
-    stats = grads_lib.norm_statistics(clipped.norms_B, clipped.mask_B, hparams.l2_norm_clip)
-    nonfinite = jnp.sum(~jnp.isfinite(clipped.norms_B) & (batch["mask"] > 0)).astype(jnp.int32)
-    metrics = StepMetrics(loss, *stats, nonfinite)
+    clip = defense_hparams(spec, hparams).l2_norm_clip
+    clipped = per_example.clipped_sum_and_norms(spec.loss_fn, state.params, batch, clip)
+    if "mask" in batch:  # padding rows are not examples (a NaN row they copy is not dropped)
+      clipped = clipped._replace(norms_B=jnp.where(batch["mask"] > 0, clipped.norms_B, 0.0))
+    metrics = StepMetrics(loss, *transforms.clip_statistics(clipped))
+    grads = clipped
+  else:
+    loss, grads = jax.value_and_grad(spec.loss_fn)(state.params, batch)
+    nan = jnp.full([], jnp.nan, jnp.float32)
+    metrics = StepMetrics(loss, nan, nan, nan, jnp.zeros([], jnp.int32))
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return TrainState(params, opt_state, state.step + 1), metrics
-
-
-def num_examples(data: Data) -> int:
-  """N, the number of training examples in `data` (padding included).
-
-  Without `data["index"]` every array holds one row per example. With it,
-  `index` `[N]` int32 names the row of each example in the other arrays (a
-  pool that may be longer than N), and `mask`, if given, is `[N]`. A grid of
-  poisoned training sets (clean points plus each job's own poisons) then
-  shares one copy of the pool: under `vmap` only the index and mask are per
-  job, not a copy of the whole training set per job.
-  """
-  if "index" in data:
-    return data["index"].shape[0]
-  return jax.tree.leaves(data)[0].shape[0]
-
-
-def shuffled_order(key: jax.Array, valid_N: jax.Array) -> jax.Array:
-  """A uniformly random order of the N examples, those with `valid_N > 0` first, `[N]` int32.
-
-  Sorting random keys that carry the example index in their low bits: one
-  sort of a single uint32 array, which XLA runs ~9x faster on CPU than
-  `argsort` (a two-array sort with a comparator; 425 vs 48 ms for 32 x 15,120
-  keys, measured). Each round sorts by fresh random high bits and breaks ties
-  by the order of the previous round; with R rounds of b random bits, two
-  examples tie in every round with probability 2^(-bR), and R is chosen so
-  that some pair of the N does with probability at most about 1 / N (JAX's
-  own criterion for `jax.random.permutation`). Invalid examples get the
-  largest high bits every round, so they come last.
-  """
-  n = valid_N.shape[0]
-  index_bits = max(1, (n - 1).bit_length())
-  random_bits = 31 - index_bits  # one more bit marks invalid examples
-  if random_bits < 8:  # a huge N: fall back to a comparator sort of uniforms
-    u_N = jnp.where(valid_N > 0, jax.random.uniform(key, (n,)), 2.0)
-    return jnp.argsort(u_N).astype(jnp.int32)
-  rounds = max(1, math.ceil(3 * math.log2(max(n, 2)) / random_bits))
-  position_N = jnp.arange(n, dtype=jnp.uint32)
-  order_N = jnp.arange(n, dtype=jnp.int32)
-  valid_N = valid_N > 0
-  for round_key in jax.random.split(key, rounds):
-    high_N = jax.random.bits(round_key, (n,), jnp.uint32) >> (32 - random_bits)
-    high_N = jnp.where(valid_N, high_N, jnp.uint32(1 << random_bits))
-    pos_N = (jnp.sort((high_N << index_bits) | position_N) & ((1 << index_bits) - 1)).astype(
-      jnp.int32
-    )
-    order_N, valid_N = order_N[pos_N], valid_N[pos_N]
-  return order_N
-
-
-def epoch_batches(key: jax.Array, valid_N: jax.Array | int, batch_size: int):
-  """Shuffled example indices `[S, B]` and their mask `[S, B]` (0 marks padding).
-
-  `valid_N` is the number of examples N, or a `[N]` mask of the examples that
-  exist (a padded poisoned set: masked examples are never drawn). Real
-  examples come first in random order (`shuffled_order`), so batches are full
-  except the last real one; steps after it are all padding (and no-ops in
-  `train_epoch`).
-  """
-  if isinstance(valid_N, int):
-    valid_N = jnp.ones([valid_N], jnp.float32)
-  n = valid_N.shape[0]
-  perm_N = shuffled_order(key, valid_N)
-  valid_sorted_N = (valid_N[perm_N] > 0).astype(jnp.float32)
-  steps = -(-n // batch_size)
-  pad = steps * batch_size - n
-  idx = jnp.concatenate([perm_N, jnp.zeros([pad], perm_N.dtype)])
-  mask = jnp.concatenate([valid_sorted_N, jnp.zeros([pad], jnp.float32)])
-  return idx.reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
 def _weighted_mean(total_tree, total_weight):
@@ -262,10 +238,10 @@ def _zeros_of(fn, *args):
 def train_epoch(
   spec: TrainSpec,
   hparams: HParams,
+  optimizer: optax.GradientTransformation,
   state: TrainState,
   data: Data,
   key: jax.Array,
-  noise_key: jax.Array,
   batch_metrics_fn: Callable[[Params, Data], Any] | None = None,
 ):
   """One shuffled pass over `data` as a `lax.scan`.
@@ -285,10 +261,6 @@ def train_epoch(
   n = num_examples(data)
   valid = data["mask"] if "mask" in data else n
   idx_SB, mask_SB = epoch_batches(key, valid, spec.batch_size)
-  if "mask" in data:
-    real_steps = jnp.ceil(jnp.sum(data["mask"] > 0) / spec.batch_size).astype(jnp.int32)
-  else:
-    real_steps = idx_SB.shape[0]
 
   def gather(idx_B, mask_B):
     rows_B = data["index"][idx_B] if "index" in data else idx_B
@@ -298,7 +270,7 @@ def train_epoch(
 
   def step_outputs(state, batch):
     extra = batch_metrics_fn(state.params, batch) if batch_metrics_fn else None
-    new_state, metrics = train_step(spec, hparams, state, batch, noise_key, real_steps)
+    new_state, metrics = train_step(spec, hparams, optimizer, state, batch)
     return new_state, metrics, extra
 
   # Zero accumulators shaped like one step's (metrics, extra).
@@ -323,6 +295,29 @@ def train_epoch(
   means = means._replace(num_nonfinite=metrics_sum.num_nonfinite)
   extra = _weighted_mean(extra_sum, weight_sum)
   return state, means, extra
+
+
+def _check_fit_inputs(spec: TrainSpec, hparams: HParams, data: Data) -> None:
+  """ValueError for data without examples and concrete hyperparameters the defense cannot use."""
+  if not isinstance(hparams, HParams):
+    raise ValueError(f"hparams must be a train.HParams, got {type(hparams).__name__}")
+  _check_hparams(*hparams)
+  if spec.defense == "dp" and not any(map(_validate.is_traced, hparams)):
+    infinite_noise = np.isinf(np.asarray(hparams.l2_norm_clip)) & (
+      np.asarray(hparams.noise_multiplier) > 0
+    )
+    if np.any(infinite_noise):
+      raise ValueError(
+        'defense "dp" with l2_norm_clip = inf and noise_multiplier > 0 adds infinite noise '
+        "(std sigma x C): give a finite l2_norm_clip, or noise_multiplier = 0"
+      )
+  if not isinstance(data, Mapping) or "x" not in data or "y" not in data:
+    raise ValueError("data must be a dict with x [N, ...] and y [N] (see train.fit)")
+  if num_examples(data) == 0:
+    raise ValueError("data holds no examples (N = 0): training needs N >= 1")
+  mask = data.get("mask")
+  if mask is not None and not _validate.is_traced(mask) and not np.any(np.asarray(mask) > 0):
+    raise ValueError("data['mask'] marks no example as real: training needs at least one")
 
 
 class FitResult(NamedTuple):
@@ -364,15 +359,16 @@ def fit(
     `norm_max`, `frac_clipped`, `num_nonfinite`, `step` (updates so far), the `eval_fn` outputs and
     `batch_metrics` (if given), each with a leading epoch axis.
   """
+  _check_fit_inputs(spec, hparams, data)
   key_init, key_shuffle, key_noise = jax.random.split(key, 3)
   if init_params is None:
     init_params = models_lib.init_params(spec.model, key_init, data["x"].shape[1:])
-  steps_per_epoch = spec.steps_per_epoch(num_examples(data))
-  state = init_state(spec, hparams, init_params, key_noise, steps_per_epoch)
+  optimizer = make_optimizer(spec, hparams, key_noise, steps_per_epoch(data, spec.batch_size))
+  state = init_state(optimizer, init_params)
 
   def epoch(state, epoch_key):
     state, metrics, extra = train_epoch(
-      spec, hparams, state, data, epoch_key, key_noise, batch_metrics_fn
+      spec, hparams, optimizer, state, data, epoch_key, batch_metrics_fn
     )
     record = {
       "train_loss": metrics.loss,

@@ -102,7 +102,7 @@ def test_pld_is_tighter_than_rdp_and_close_to_it():
   assert 0.8 * rdp < pld < rdp
 
 
-@pytest.mark.parametrize("sigma, q, steps", [(1.1, 256 / 60_000, 3515), (2.0, 0.01, 1000)])
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.1, 100), (2.0, 0.01, 1000)])
 def test_agrees_with_opacus(sigma, q, steps):
   """Opacus' RDP accountant on the same integer orders, and its PRV accountant vs PLD."""
   pytest.importorskip("opacus")

@@ -28,13 +28,6 @@ def _spec(defense="vanilla", **kw):
   return train.TrainSpec(models.ClassifierLoss(models.LR(2)), defense=defense, **kw)
 
 
-def test_epoch_visits_every_example_once(data):
-  idx, mask = train.epoch_batches(jax.random.key(1), N, 16)
-  assert idx.shape == (5, 16)
-  real = np.asarray(idx)[np.asarray(mask) > 0]
-  assert sorted(real.tolist()) == list(range(N))
-
-
 def test_partial_batch_is_trained_on(data):
   spec = _spec(epochs=1)
   seen = lambda params, batch: jnp.sum(batch["mask"])
@@ -67,6 +60,55 @@ def test_dp_without_noise_and_huge_clip_equals_vanilla(data, clip):
   chex.assert_trees_all_close(vanilla.params, dp.params, rtol=1e-4, atol=1e-6)
   assert np.all(np.isfinite(dp.records["norm_mean"]))
   assert np.all(np.isnan(vanilla.records["norm_mean"]))
+
+
+def test_vanilla_with_norms_is_dp_with_infinite_clip_and_no_noise(data):
+  """The same code: bit-identical parameters and records, and close to plain vanilla."""
+  key = jax.random.key(4)
+  tracked = train.fit(
+    _spec("vanilla", track_norms=True), train.HParams.create(0.3, 0.5, 2.0), key, data
+  )
+  dp = train.fit(_spec("dp"), train.HParams.create(0.3, math.inf, 0.0), key, data)
+  plain = train.fit(_spec("vanilla"), train.HParams.create(0.3), key, data)
+  chex.assert_trees_all_equal(tracked, dp)
+  chex.assert_trees_all_close(tracked.params, plain.params, rtol=1e-5, atol=1e-6)
+  assert np.all(tracked.records["norm_mean"] > 0)
+  np.testing.assert_array_equal(tracked.records["frac_clipped"], 0.0)  # vanilla clips nothing
+
+
+def test_fit_builds_the_optimizer_once(data, monkeypatch):
+  calls = []
+  real = train.make_optimizer
+  monkeypatch.setattr(train, "make_optimizer", lambda *a: calls.append(1) or real(*a))
+  train.fit(
+    _spec("adaptive", epochs=2), train.HParams.create(0.1, 1.0, 0.5), jax.random.key(0), data
+  )
+  assert len(calls) == 1
+
+
+@pytest.mark.parametrize("defense", ["dp", "adaptive"])
+def test_norm_statistics_reach_the_records(data, defense):
+  """Records hold the epoch means of each step's statistics, computed once in the step."""
+  spec = _spec(defense, epochs=1, batch_size=N)  # one step: the epoch mean is that step's
+  hp = train.HParams.create(0.1, 0.05, 0.0)
+  params = models.init_params(spec.model, jax.random.key(0), (6,))
+  result = train.fit(spec, hp, jax.random.key(1), data, init_params=params)
+  norms = jnp.stack(
+    [
+      jnp.sqrt(
+        sum(
+          jnp.sum(g**2)
+          for g in jax.tree.leaves(
+            jax.grad(spec.loss_fn)(params, {"x": data["x"][i : i + 1], "y": data["y"][i : i + 1]})
+          )
+        )
+      )
+      for i in range(N)
+    ]
+  )
+  np.testing.assert_allclose(result.records["norm_mean"][0], jnp.mean(norms), rtol=1e-5)
+  np.testing.assert_allclose(result.records["norm_max"][0], jnp.max(norms), rtol=1e-5)
+  np.testing.assert_allclose(result.records["frac_clipped"][0], jnp.mean(norms > 0.05), rtol=1e-6)
 
 
 @pytest.mark.parametrize("defense", ["dp", "adaptive"])
@@ -124,11 +166,81 @@ def test_accuracy_in_chunks_equals_whole(data):
     ({"defense": "magic"}, "defense"),
     ({"optimizer": "rmsprop"}, "optimizer"),
     ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": 1.5}, "batch_size"),
+    ({"batch_size": True}, "batch_size"),
+    ({"epochs": -1}, "epochs"),
+    ({"epochs": 2.0}, "epochs"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"momentum": -0.5}, "momentum"),
+    ({"track_norms": "yes"}, "track_norms"),
   ],
 )
 def test_bad_spec(kw, name):
   with pytest.raises(ValueError, match=name):
     _spec(**kw)
+
+
+@pytest.mark.parametrize(
+  "loss_fn", [None, "ClassifierLoss", lambda params, batch: 0.0], ids=["none", "str", "ok"]
+)
+def test_spec_loss_fn_must_be_a_hashable_callable(loss_fn):
+  if callable(loss_fn):
+    train.TrainSpec(loss_fn)
+    with pytest.raises(ValueError, match="hashable"):
+      train.TrainSpec(_Unhashable())
+  else:
+    with pytest.raises(ValueError, match="loss_fn"):
+      train.TrainSpec(loss_fn)
+
+
+class _Unhashable:
+  __hash__ = None
+
+  def __call__(self, params, batch):
+    return 0.0
+
+
+@pytest.mark.parametrize(
+  "args,name",
+  [
+    ((math.inf,), "learning_rate"),
+    ((math.nan,), "learning_rate"),
+    ((-0.1,), "learning_rate"),
+    ((0.1, 0.0), "l2_norm_clip"),
+    ((0.1, -1.0), "l2_norm_clip"),
+    ((0.1, math.nan), "l2_norm_clip"),
+    ((0.1, 1.0, -0.5), "noise_multiplier"),
+    ((0.1, 1.0, math.inf), "noise_multiplier"),
+    ((0.1, np.array([1.0, 0.0]), 0.0), "l2_norm_clip"),  # one bad row of a grid
+  ],
+)
+def test_bad_hparams(args, name):
+  with pytest.raises(ValueError, match=name):
+    train.HParams.create(*args)
+
+
+def test_hparams_create_accepts_traced_values():
+  hp = jax.jit(lambda lr: train.HParams.create(lr, math.inf, 0.0))(jnp.asarray(0.1))
+  np.testing.assert_allclose(hp.learning_rate, 0.1)
+
+
+def test_fit_rejects_bad_inputs(data):
+  spec, key = _spec("dp", epochs=1), jax.random.key(0)
+  hp = train.HParams.create(0.1, 1.0, 0.5)
+  with pytest.raises(ValueError, match="l2_norm_clip = inf"):
+    train.fit(spec, train.HParams.create(0.1, math.inf, 0.5), key, data)
+  with pytest.raises(ValueError, match="noise_multiplier"):  # HParams built without create
+    train.fit(spec, train.HParams(*map(jnp.asarray, (0.1, 1.0, math.inf))), key, data)
+  with pytest.raises(ValueError, match="N = 0"):
+    train.fit(spec, hp, key, {"x": jnp.zeros((0, 6)), "y": jnp.zeros(0, jnp.int32)})
+  with pytest.raises(ValueError, match="mask"):
+    train.fit(spec, hp, key, data | {"mask": jnp.zeros(N)})
+  with pytest.raises(ValueError, match="dict with x"):
+    train.fit(spec, hp, key, {"x": data["x"]})
+  with pytest.raises(ValueError, match="HParams"):
+    train.fit(spec, (0.1, 1.0, 0.5), key, data)
+  # Adaptive noise scales with the norms, not C: C = inf with sigma > 0 is valid there.
+  train.fit(_spec("adaptive", epochs=1), train.HParams.create(0.1, math.inf, 0.5), key, data)
 
 
 @pytest.mark.parametrize("defense", ["vanilla", "dp", "adaptive"])
@@ -150,17 +262,16 @@ def test_padding_is_never_drawn_and_changes_nothing(data, defense):
   np.testing.assert_array_equal(a.records["step"], [5, 10])
 
 
-def _stacked_epoch(spec, hp, state, data, key, noise_key, batch_metrics_fn):
+def _stacked_epoch(spec, hp, optimizer, state, data, key, batch_metrics_fn):
   """The former `train_epoch`: stack every step's outputs over the scan, then average."""
   idx_SB, mask_SB = train.epoch_batches(key, data["mask"], spec.batch_size)
-  real_steps = jnp.ceil(jnp.sum(data["mask"] > 0) / spec.batch_size).astype(jnp.int32)
 
   def body(state, xs):
     idx_B, mask_B = xs
     batch = {k: v[idx_B] for k, v in data.items() if k != "mask"}
     batch["mask"] = mask_B
     extra = batch_metrics_fn(state.params, batch)
-    new_state, metrics = train.train_step(spec, hp, state, batch, noise_key, real_steps)
+    new_state, metrics = train.train_step(spec, hp, optimizer, state, batch)
     has_real = jnp.any(mask_B > 0)
     new_state = jax.tree.map(lambda a, b: jnp.where(has_real, a, b), new_state, state)
     return new_state, (metrics, extra)
@@ -202,15 +313,15 @@ def test_epoch_sums_in_carry_equal_stacked_mean(data, defense):
     }
 
   params = models.init_params(spec.model, jax.random.key(3), (6,))
-  steps = spec.steps_per_epoch(N + pad)
-  noise_key = jax.random.key(5)
-  state = train.init_state(spec, hp, params, noise_key, steps)
+  steps = train.steps_per_epoch(padded, spec.batch_size)
+  optimizer = train.make_optimizer(spec, hp, jax.random.key(5), steps)
+  state = train.init_state(optimizer, params)
   key = jax.random.key(6)
   got_state, got_metrics, got_extra = jax.jit(
-    lambda s: train.train_epoch(spec, hp, s, padded, key, noise_key, metrics_fn)
+    lambda s: train.train_epoch(spec, hp, optimizer, s, padded, key, metrics_fn)
   )(state)
   want_state, want_metrics, want_extra, metrics_S = jax.jit(
-    lambda s: _stacked_epoch(spec, hp, s, padded, key, noise_key, metrics_fn)
+    lambda s: _stacked_epoch(spec, hp, optimizer, s, padded, key, metrics_fn)
   )(state)
   assert metrics_S.loss.shape == (7,)  # 5 real steps, 2 padded
   chex.assert_trees_all_close(got_state, want_state, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,4 @@
-"""Tests jaxshape/train.py's pooled training sets (`data["index"]`, `num_examples`)."""
+"""Tests jaxshape/train.py's pooled training sets (`data["index"]`): fit and vmapped grids."""
 
 import functools
 
@@ -36,12 +36,6 @@ def _job_data(pool, variant, n_poisons):
   return copied, {**pool, "index": index, "mask": mask}
 
 
-def test_num_examples_counts_index_not_pool(pool):
-  _, pooled = _job_data(pool, 1, 5)
-  assert train.num_examples(pooled) == N_CLEAN + P_MAX
-  assert train.num_examples(pool) == N_CLEAN + V * P_MAX
-
-
 @pytest.mark.parametrize("defense", ["vanilla", "dp"])
 def test_pooled_fit_equals_fit_on_the_copied_set(pool, defense):
   spec = _spec(defense)
@@ -76,29 +70,3 @@ def test_pooled_grid_under_vmap_uses_each_jobs_poisons(pool):
     )
   leaves = jax.tree.leaves(grid)
   assert not np.allclose(leaves[0][0], leaves[0][1])
-
-
-@pytest.mark.parametrize("n", [1, 2, 7, 300, 15_120])
-def test_shuffled_order_is_a_permutation_valid_first(n):
-  valid = (jax.random.uniform(jax.random.key(n), (n,)) < 0.7).astype(jnp.float32)
-  order = np.asarray(train.shuffled_order(jax.random.key(1), valid))
-  assert sorted(order.tolist()) == list(range(n))
-  k = int(valid.sum())
-  assert np.all(np.asarray(valid)[order[:k]] > 0)
-  assert np.all(np.asarray(valid)[order[k:]] == 0)
-
-
-def test_shuffled_order_is_uniform():
-  """Each of 5 examples lands in each of 5 places with probability 1/5 (4,000 keys)."""
-  keys = jax.random.split(jax.random.key(0), 4000)
-  orders = np.asarray(jax.vmap(lambda k: train.shuffled_order(k, jnp.ones([5])))(keys))
-  counts = np.stack([(orders == i).sum(0) for i in range(5)])  # [example, place]
-  expected = 4000 / 5
-  chi2 = ((counts - expected) ** 2 / expected).sum()
-  assert chi2 < 42.0  # chi-square, 16 dof: P(chi2 > 42) ~ 4e-4 for a uniform shuffle
-  # All 120 orders occur (each has probability 1/120 per key: 4,000 keys miss
-  # one with probability ~ 120 e^-33), and one key gives one order.
-  assert len({tuple(o) for o in orders}) == 120
-  np.testing.assert_array_equal(
-    train.shuffled_order(keys[3], jnp.ones([5])), train.shuffled_order(keys[3], jnp.ones([5]))
-  )

@@ -97,7 +97,8 @@ def load(
     A `Dataset`.
 
   Raises:
-    ValueError: an unknown `name`, a bad `seed`, or a `data_dir` for two_moons.
+    ValueError: an unknown `name`, a bad `seed`, `download` or `data_dir`, or a
+      `data_dir` for two_moons.
     DataNotFoundError: (a FileNotFoundError) no source has the data (with
       `data_dir`: the folder is missing, not a folder, or lacks files); the
       message names every place looked and how to get the data.
@@ -120,6 +121,10 @@ def load(
   if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
     raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
   seed = int(seed)
+  if not isinstance(download, bool):
+    raise ValueError(f"download must be True or False, got {download!r}")
+  if data_dir is not None and not isinstance(data_dir, str | os.PathLike):
+    raise ValueError(f"data_dir must be a path (str or os.PathLike) or None, got {data_dir!r}")
   data_dir = Path(data_dir).expanduser() if data_dir is not None else None
 
   if name == "two_moons":

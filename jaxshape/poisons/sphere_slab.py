@@ -146,15 +146,16 @@ def feasibility(
     >>> assert bool(jnp.all(f.feasible_P))
   """
   x_ND, y_N = _flat_binary("x_clean", "y_clean", x_clean, y_clean)
-  x_PD, y_P = _flat_binary("x_poison", "y_poison", x_poison, y_poison)
+  # The box [0, 1] is one of the constraints checked: poisons outside it are reported, not refused.
+  x_PD, y_P = _flat_binary("x_poison", "y_poison", x_poison, y_poison, unit_interval=False)
   if x_PD.shape[1] != x_ND.shape[1]:
     raise ValueError(f"x_poison has {x_PD.shape[1]} features, x_clean {x_ND.shape[1]}")
   _validate.check_range("quantile", quantile, 0.0, 1.0, lo_open=True)
   return _feasibility(x_ND, y_N, x_PD, y_P, quantile, poisoned_centroids=poisoned_centroids)
 
 
-def _flat_binary(x_name, y_name, x, y):
-  x_N = _validate.check_inputs(x_name, x, min_rank=2)
+def _flat_binary(x_name, y_name, x, y, *, unit_interval=True):
+  x_N = _validate.check_inputs(x_name, x, min_rank=2, unit_interval=unit_interval)
   y_N, num_classes = _validate.check_labels(y_name, y, x_N.shape[0], 2)
   del num_classes
   return x_N.reshape(x_N.shape[0], -1), y_N

@@ -754,6 +754,8 @@ def test_folder_where_a_data_file_should_be(tmp_path, name, make_bad_input):
     ({"name": "two_moons", "seed": 1.5}, "seed must be an integer >= 0"),
     ({"name": "two_moons", "seed": True}, "seed must be an integer >= 0"),
     ({"name": "two_moons", "data_dir": "mine"}, "given for two_moons, which is generated"),
+    ({"name": "cifar10", "download": "no"}, "download must be True or False"),
+    ({"name": "cifar10", "data_dir": 3}, "data_dir must be a path"),
   ],
 )
 def test_bad_arguments(kwargs, message):
