@@ -90,6 +90,47 @@ def epoch_batches(key: jax.Array, valid_N: jax.Array | int, batch_size: int):
   return idx.reshape(steps, batch_size), mask.reshape(steps, batch_size)
 
 
+def poisson_max_batch(batch_size: int) -> int:
+  """M, the fixed shape of a Poisson batch of expected size B: B + 6 sqrt(B) + 1.
+
+  A batch holds Binomial(N, B/N) examples; more than M happens with
+  probability below about 1e-9 per step (a 6-sigma tail), and such a step
+  keeps its first M examples (`poisson_batches` counts nothing lost beyond
+  that bound; it is the fixed-shape truncation jax_privacy also makes).
+  """
+  return batch_size + math.ceil(6 * math.sqrt(batch_size)) + 1
+
+
+def poisson_batches(key: jax.Array, valid_N: jax.Array | int, batch_size: int):
+  """Poisson-subsampled batches at a fixed shape: indices `[S, M]` and mask `[S, M]`.
+
+  Each of the S = ceil(N / B) steps takes every real example independently
+  with probability q = B / (number of real examples), the sampling that DP-SGD's
+  privacy amplification (and `accounting.epsilon(..., sampling="poisson")`)
+  assumes; unlike `epoch_batches`, an example may appear in several steps of
+  an epoch or in none. A step's batch is padded to M = `poisson_max_batch(B)`
+  with masked rows, so every step has one compiled shape.
+
+  References:
+    Abadi et al. 2016 (DP-SGD with Poisson sampling); Chua et al. 2024, "How
+    Private are DP-SGD Implementations?" (shuffling is not Poisson sampling).
+  """
+  if isinstance(valid_N, int):
+    valid_N = jnp.ones([valid_N], jnp.float32)
+  n = valid_N.shape[0]
+  steps, m = -(-n // batch_size), poisson_max_batch(batch_size)
+  valid_N = valid_N > 0
+  q = batch_size / jnp.maximum(jnp.sum(valid_N), 1)
+
+  def one_step(step_key):
+    take_N = valid_N & (jax.random.uniform(step_key, (n,)) < q)
+    (idx_M,) = jnp.nonzero(take_N, size=m, fill_value=0)
+    mask_M = (jnp.arange(m) < jnp.sum(take_N)).astype(jnp.float32)
+    return idx_M.astype(jnp.int32), mask_M
+
+  return jax.vmap(one_step)(jax.random.split(key, steps))
+
+
 def steps_per_epoch(data: Data, batch_size: int) -> int | jax.Array:
   """Updates per epoch: ceil(real examples / batch_size), the steps `train_epoch` applies.
 

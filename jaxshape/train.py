@@ -52,10 +52,12 @@ from jaxshape._typing import Data
 from jaxshape._typing import Params
 from jaxshape.batching import epoch_batches
 from jaxshape.batching import num_examples
+from jaxshape.batching import poisson_batches
 from jaxshape.batching import steps_per_epoch
 
 DEFENSES = ("vanilla", "dp", "adaptive")
 OPTIMIZERS = ("sgd", "adam")
+SAMPLINGS = ("shuffle", "poisson")
 
 
 def _check_hparams(learning_rate, l2_norm_clip, noise_multiplier) -> None:
@@ -95,6 +97,13 @@ class TrainSpec:
     momentum: SGD momentum in [0, 1) (None: plain SGD).
     track_norms: with "vanilla", also record per-example norm statistics: the
       step is then "dp" with C = inf and sigma = 0 (same code, same result).
+    sampling: "shuffle" (each epoch visits every example once in fixed
+      batches; `batching.epoch_batches`) or "poisson" (every step takes each
+      example with probability B/N, padded to a fixed shape;
+      `batching.poisson_batches`): the sampling `accounting.epsilon(...,
+      sampling=...)` must be told. With "poisson" the noisy sum is still
+      divided by the step's real example count, not the expected B (Opacus
+      divides by B); the experiments train with "shuffle".
   """
 
   loss_fn: Any
@@ -104,6 +113,7 @@ class TrainSpec:
   epochs: int = 1
   momentum: float | None = None
   track_norms: bool = False
+  sampling: str = "shuffle"
 
   def __post_init__(self):
     if not callable(self.loss_fn):
@@ -122,6 +132,8 @@ class TrainSpec:
     _validate.check_int("epochs", self.epochs, 0)
     if self.momentum is not None:
       _validate.check_range("momentum", self.momentum, 0.0, 1.0, hi_open=True)
+    if self.sampling not in SAMPLINGS:
+      raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
     if not isinstance(self.track_norms, bool):
       raise ValueError(f"track_norms must be a bool, got {self.track_norms!r}")
 
@@ -260,7 +272,8 @@ def train_epoch(
   """
   n = num_examples(data)
   valid = data["mask"] if "mask" in data else n
-  idx_SB, mask_SB = epoch_batches(key, valid, spec.batch_size)
+  batches = poisson_batches if spec.sampling == "poisson" else epoch_batches
+  idx_SB, mask_SB = batches(key, valid, spec.batch_size)
 
   def gather(idx_B, mask_B):
     rows_B = data["index"][idx_B] if "index" in data else idx_B

@@ -55,3 +55,26 @@ def test_shuffled_order_is_uniform():
   np.testing.assert_array_equal(
     batching.shuffled_order(keys[3], jnp.ones([5])), batching.shuffled_order(keys[3], jnp.ones([5]))
   )
+
+
+def test_poisson_batches_sample_each_example_with_probability_b_over_n():
+  n, b = 200, 20
+  valid = jnp.ones([n]).at[-10:].set(0.0)  # 190 real examples, 10 padding rows
+  m = batching.poisson_max_batch(b)
+  keys = jax.random.split(jax.random.key(3), 50)
+  idx, mask = jax.vmap(lambda k: batching.poisson_batches(k, valid, b))(keys)
+  assert idx.shape == (50, n // b, m) and mask.shape == (50, n // b, m)
+  taken = np.zeros(n)
+  np.add.at(taken, np.asarray(idx)[np.asarray(mask) > 0], 1)
+  draws = 50 * (n // b)
+  assert taken[-10:].sum() == 0  # padding is never drawn
+  q = b / 190
+  # Each real example is in a step with probability q: counts ~ Binomial(draws, q).
+  np.testing.assert_allclose(taken[:190].mean() / draws, q, rtol=0.05)
+  assert taken[:190].std() / draws < 3 * np.sqrt(q * (1 - q) / draws)
+  sizes = np.asarray(mask).sum(-1).ravel()
+  np.testing.assert_allclose(sizes.mean(), b, rtol=0.05)
+  assert sizes.std() > 2  # a Binomial batch size, not a fixed one
+  # Within a step an example appears at most once.
+  for i, k in zip(np.asarray(idx)[0], np.asarray(mask)[0], strict=True):
+    assert len(set(i[k > 0])) == int(k.sum())

@@ -332,3 +332,15 @@ def test_epoch_sums_in_carry_equal_stacked_mean(data, defense):
   chex.assert_tree_all_finite(got_extra)
   chex.assert_trees_all_close(got_extra, want_extra, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(got_extra["real"], N / 5, rtol=1e-6)
+
+
+def test_poisson_sampling_trains_and_differs_from_shuffling(data):
+  hp = train.HParams.create(0.5, 1.0, 0.0)
+  poisson = train.fit(_spec("dp", epochs=20, sampling="poisson"), hp, jax.random.key(0), data)
+  again = train.fit(_spec("dp", epochs=20, sampling="poisson"), hp, jax.random.key(0), data)
+  shuffled = train.fit(_spec("dp", epochs=20), hp, jax.random.key(0), data)
+  chex.assert_trees_all_equal(poisson.params, again.params)
+  assert not np.allclose(poisson.records["train_loss"], shuffled.records["train_loss"])
+  assert poisson.records["train_loss"][-1] < 0.7 * poisson.records["train_loss"][0]
+  with pytest.raises(ValueError, match="sampling"):
+    _spec(sampling="uniform")
