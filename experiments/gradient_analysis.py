@@ -72,7 +72,7 @@ Commands:
   python -m experiments.gradient_analysis --preset=paper --out=runs/gradients_paper
 
 The quick preset is the paper's setup with 3 seeds (paper: 5). Without
-`jaxshape.fast_grads` (DP-SGD on the 256-256 MLP through `vmap(grad)`, about
+the `jaxshape.per_example` engine (DP-SGD on the 256-256 MLP through `vmap(grad)`, about
 0.5 s a step on two CPU cores) pass `--retrain_defenses=vanilla`.
 
 References:

@@ -308,6 +308,8 @@ def summary_table(rows: list[dict], config: Config) -> str:
   rows = sorted(rows, key=lambda r: rank.get(common.Defense.from_row(r), len(rank)))
   parts = []
   for attack in config.attacks:
+    if not any(r["attack"] == attack for r in rows):
+      continue
     parts.append(
       f"\n{attack}: RAD at the best epoch, mean ± std over {config.seeds} seeds; "
       "clean acc: best epoch without poisons"

@@ -9,17 +9,20 @@ Effectiveness of Mitigating Data Poisoning Attacks with Gradient Shaping".
 from jaxshape import accounting
 from jaxshape import analysis
 from jaxshape import models
+from jaxshape import per_example
 from jaxshape import report
 from jaxshape import results
 from jaxshape import sweep
 from jaxshape import train
-from jaxshape.fast_grads import NormsAndCosines
-from jaxshape.fast_grads import fast_grad
-from jaxshape.fast_grads import per_example_norms_and_cosines
 from jaxshape.grads import ClippedSum
-from jaxshape.grads import clipped_sum_and_norms
 from jaxshape.grads import per_example_grads
 from jaxshape.grads import per_example_norms
+from jaxshape.per_example import NormsAndCosines
+from jaxshape.per_example import PerExampleLoss
+from jaxshape.per_example import clipped_sum_and_norms
+from jaxshape.per_example import fallback_layers
+from jaxshape.per_example import fast_grad
+from jaxshape.per_example import per_example_norms_and_cosines
 from jaxshape.transforms import AddAdaptiveNoiseState
 from jaxshape.transforms import AddGaussianNoiseState
 from jaxshape.transforms import ClipPerExampleState
@@ -37,6 +40,7 @@ __all__ = [
   "ClipPerExampleState",
   "ClippedSum",
   "NormsAndCosines",
+  "PerExampleLoss",
   "accounting",
   "analysis",
   "add_adaptive_noise",
@@ -45,8 +49,10 @@ __all__ = [
   "clipped_sum_and_norms",
   "dp_adam",
   "dp_sgd",
+  "fallback_layers",
   "fast_grad",
   "models",
+  "per_example",
   "per_example_grads",
   "per_example_norms",
   "per_example_norms_and_cosines",

@@ -4,9 +4,9 @@ Shapes: B batch; `grads_B` is a pytree shaped like the parameters with a
 leading batch axis B.
 
 The reference path is `jax.vmap(jax.grad(loss))` over single examples under
-`jit` (works for any pure loss). `clipped_sum_and_norms` returns the sum of the
-clipped per-example gradients together with the per-example norms; it is the
-entry point that faster exact paths plug into.
+`jit` (works for any pure loss), and the clipping arithmetic shared with the
+fast exact engine of `jaxshape.per_example` (which imports this module, never
+the other way round): `ClippedSum`, clip factors, norm statistics.
 
 References:
   Hong et al. 2020, §5.1 (gradient shaping) and Appendix B (DP-SGD,
@@ -16,24 +16,22 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Params = Any
-Batch = Any
-LossFn = Callable[[Params, Batch], jax.Array]
+from jaxshape._typing import Batch
+from jaxshape._typing import LossFn
+from jaxshape._typing import Params
 
 
 class ClippedSum(NamedTuple):
   """Per-example gradients already clipped and summed (what noise transforms consume).
 
   The DP transforms of `jaxshape.transforms` accept this in place of
-  per-example gradients, so a fast path that never materialises them can
-  feed the same optax chain.
+  per-example gradients, so the fast engine (`jaxshape.per_example`), which
+  never materialises them, feeds the same optax chain.
   """
 
   sum: Params  # like params: sum over real, finite examples of the clipped gradients
@@ -127,47 +125,3 @@ def clipped_sum_from_grads(
   clipped_B = scale_per_example(grads_B, clip_factors(norms_B, l2_norm_clip) * keep_B)
   total = jax.tree.map(lambda g: jnp.sum(g, axis=0), clipped_B)
   return ClippedSum(total, norms_B, keep_B, jnp.asarray(l2_norm_clip, jnp.float32))
-
-
-def clipped_sum_and_norms(
-  loss_fn: LossFn,
-  params: Params,
-  batch: Batch,
-  l2_norm_clip: jax.typing.ArrayLike,
-  *,
-  method: str = "auto",
-) -> ClippedSum:
-  """Sum of per-example gradients clipped to `l2_norm_clip`, with each example's norm.
-
-  Examples whose `batch["mask"]` is 0 (padding) or whose gradient is not
-  finite are left out of the sum and have mask 0 in the result.
-
-  For a `jaxshape.models.ClassifierLoss` of LR, MLP or CNN, "auto" takes the
-  exact fast path of `jaxshape.fast_grads` (ghost norms and book-keeping, no
-  per-example copies of large weights); any other loss takes `vmap(grad)`.
-
-  Args:
-    loss_fn: mean loss `loss_fn(params, batch)`.
-    params: parameters.
-    batch: a pytree of arrays with a leading axis B (a dict; `mask` optional).
-    l2_norm_clip: C > 0, may be traced.
-    method: "auto" (fast path when supported, else vmap), "fast" (raise if
-      unsupported) or "vmap" (always the reference path).
-
-  Returns:
-    A `ClippedSum` (sum, norms before clipping, mask of examples kept, C).
-
-  References:
-    Hong et al. 2020, Appendix B, Algorithm 1 (clip, then sum).
-    Li et al. 2022, §4 and Bu et al. 2023, §3 (the fast path).
-  """
-  if method not in ("auto", "vmap", "fast"):
-    raise ValueError(f"method must be 'auto', 'vmap' or 'fast', got {method!r}")
-  if method != "vmap":
-    from jaxshape import fast_grads  # here, not at the top: fast_grads imports this module
-
-    if method == "fast" or fast_grads.supports(loss_fn, params, batch):
-      return fast_grads.fast_clipped_sum_and_norms(loss_fn, params, batch, l2_norm_clip)
-  mask_B = batch.get("mask") if isinstance(batch, dict) else None
-  grads_B = per_example_grads(loss_fn, params, batch)
-  return clipped_sum_from_grads(grads_B, l2_norm_clip, mask_B)

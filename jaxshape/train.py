@@ -43,8 +43,8 @@ import numpy as np
 import optax
 
 from jaxshape import _validate
-from jaxshape import grads as grads_lib
 from jaxshape import models as models_lib
+from jaxshape import per_example
 from jaxshape import transforms
 from jaxshape._typing import ArrayLike
 from jaxshape._typing import Batch
@@ -203,7 +203,7 @@ def train_step(
   if spec.per_example:
     loss = spec.loss_fn(state.params, batch)
     clip = defense_hparams(spec, hparams).l2_norm_clip
-    clipped = grads_lib.clipped_sum_and_norms(spec.loss_fn, state.params, batch, clip)
+    clipped = per_example.clipped_sum_and_norms(spec.loss_fn, state.params, batch, clip)
     if "mask" in batch:  # padding rows are not examples (a NaN row they copy is not dropped)
       clipped = clipped._replace(norms_B=jnp.where(batch["mask"] > 0, clipped.norms_B, 0.0))
     metrics = StepMetrics(loss, *transforms.clip_statistics(clipped))

@@ -13,10 +13,9 @@ def tiny(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench")
   config = bench.BenchConfig(
     models=("mlp",),
-    batch_size=4,
+    batch_sizes=(4, 8),
     repeats=2,
     warmup=1,
-    memory_batch=8,
     methods=METHODS,
     out=str(out),
   )
@@ -40,8 +39,19 @@ def test_bench_writes_csv_with_schema(tiny):
 def test_bench_summary_has_ratios(tiny):
   _, rows = tiny
   text = bench.summary(rows)
-  assert "dp_fast" in text and "/sgd_fast" in text
+  assert "dp_fast" in text and "/sgd+noise" in text
   assert len(text.splitlines()) == len(rows) + 2
+
+
+@pytest.mark.parametrize("name", bench.USER_MODELS)
+def test_user_models_take_the_engine_without_fallback(name):
+  """The bench's user models (and ResNet-18) are served by fast rules only, at the real shapes."""
+  from jaxshape import models
+  from jaxshape import per_example
+
+  model, params = bench._init(name, 0)
+  batch = bench._batch(name, 2, 0)
+  assert per_example.fallback_layers(models.ClassifierLoss(model), params, batch) == ()
 
 
 def test_bench_rejects_unknown_names():
@@ -55,10 +65,9 @@ def test_bench_compare_opacus(tmp_path):
   pytest.importorskip("opacus")
   config = bench.BenchConfig(
     models=("lr",),
-    batch_size=4,
+    batch_sizes=(4,),
     repeats=1,
     warmup=1,
-    memory_batch=None,
     compare="opacus",
     methods=("clip_fast",),
     out=str(tmp_path),

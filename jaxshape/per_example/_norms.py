@@ -1,0 +1,98 @@
+"""Per-example norms without overflow, and the rule for normalisation layers.
+
+Shapes: B batch; `x_B...` any array with a leading batch axis.
+
+Squaring a float32 gradient entry of 1e20 overflows (float32 tops out near
+3.4e38), so every norm here is taken after dividing each example's entries by
+their largest magnitude and multiplied back afterwards: a norm is finite
+whenever the gradient is finite and its norm is representable.
+
+Normalisation layers (`nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`) have a
+scale and a bias of one feature vector each: their per-example gradients are
+tiny, so they are materialised, through the module's own VJP under `vmap`
+with each example's output gradient as the cotangent.
+
+References:
+  Bu et al., "Differentially Private Optimization on Large Model at Small
+  Cost", 2023, §3 (materialise small per-layer gradients, mixed with ghost
+  norms for the large ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def rows_where(ok_B: jax.Array, values_B: jax.Array) -> jax.Array:
+  """`values_B` with the rows of examples where `ok_B` is False set to 0 (NaN-safe)."""
+  ok = ok_B.reshape((-1,) + (1,) * (values_B.ndim - 1))
+  return jnp.where(ok, values_B, jnp.zeros((), values_B.dtype))
+
+
+def per_example_max(x_B: jax.Array) -> jax.Array:
+  """Largest magnitude of each example's entries, `[B]`, with 0 and non-finite maxima -> 1."""
+  m_B = jnp.max(jnp.abs(x_B.reshape(x_B.shape[0], -1)), axis=1)
+  return jnp.where((m_B > 0) & jnp.isfinite(m_B), m_B, jnp.ones((), m_B.dtype))
+
+
+def normalised(x_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(x_i / m_i, m_i) with m_i = `per_example_max`; NaN and inf stay visible in x_i / m_i."""
+  m_B = per_example_max(x_B)
+  return x_B / m_B.reshape((-1,) + (1,) * (x_B.ndim - 1)), m_B
+
+
+def safe_norms(x_B: jax.Array) -> jax.Array:
+  """l2 norm of each example's entries, `[B]`, exact for any finite entries."""
+  x_B, m_B = normalised(x_B)
+  return m_B * jnp.sqrt(jnp.sum(jnp.square(x_B.reshape(x_B.shape[0], -1)), axis=1))
+
+
+def combine(norms: list[jax.Array]) -> jax.Array:
+  """sqrt(sum_l n_l^2) of per-part norms `[B]` each, without overflow."""
+  if not norms:
+    raise ValueError("no parameters selected")
+  return safe_norms(jnp.stack(norms, axis=1))
+
+
+def weighted_sum(w_B: jax.Array, g_B: jax.Array, ok_B: jax.Array | None) -> jax.Array:
+  """sum_i w_i g_i over the rows of materialised per-example gradients (rows not ok dropped)."""
+  if ok_B is not None:
+    g_B = rows_where(ok_B, g_B)
+  return jnp.einsum("b,b...->...", w_B.astype(g_B.dtype), g_B)
+
+
+def dots(g_B: jax.Array, reference: jax.Array) -> jax.Array:
+  """<g_i, reference> for each example, `[B]`."""
+  return g_B.reshape(g_B.shape[0], -1) @ reference.reshape(-1).astype(g_B.dtype)
+
+
+class Materialised:
+  """Rule for layers whose per-example gradients are small: stored per example.
+
+  `grads_B` maps each parameter name to its `[B, ...]` per-example gradient.
+  """
+
+  def __init__(self, grads_B: dict[str, jax.Array]):
+    self.grads_B = grads_B
+
+  def norms(self) -> dict[str, jax.Array]:
+    return {name: safe_norms(g) for name, g in self.grads_B.items()}
+
+  def weighted_sum(self, w_B, ok_B) -> dict[str, jax.Array]:
+    return {name: weighted_sum(w_B, g, ok_B) for name, g in self.grads_B.items()}
+
+  def dots(self, reference: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: dots(self.grads_B[name], r) for name, r in reference.items()}
+
+
+def norm_layer_rule(module: Any, params: dict, a_B: jax.Array, delta_B: jax.Array) -> Materialised:
+  """Per-example scale/bias gradients of a normalisation layer via its own VJP."""
+
+  def one(a, delta):
+    _, pullback = jax.vjp(lambda p: module.apply({"params": p}, a[None]), params)
+    return pullback(delta[None])[0]
+
+  return Materialised(jax.vmap(one)(a_B, delta_B))
