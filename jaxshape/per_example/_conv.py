@@ -145,12 +145,7 @@ class Conv:
 
   def norms(self) -> dict[str, jax.Array]:
     if self.gram:
-      x_BPK, mx_B = _norms.normalised(self._patches())
-      d_BPO, md_B = _norms.normalised(self.d)
-      gx_BPP = jnp.einsum("bpk,bqk->bpq", x_BPK, x_BPK)
-      gd_BPP = jnp.einsum("bpo,bqo->bpq", d_BPO, d_BPO)
-      sq_B = jnp.einsum("bpq,bpq->b", gx_BPP, gd_BPP)
-      out = {"kernel": mx_B * md_B * jnp.sqrt(jnp.maximum(sq_B, 0.0))}
+      out = {"kernel": _norms.gram_norms(self._patches(), self.d)}
     else:
       self.grads_B = self._per_example_kernels()
       out = {"kernel": _norms.safe_norms(self.grads_B)}

@@ -48,16 +48,6 @@ def _outer_sum(a_BD: jax.Array, d_BO: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(jnp.einsum("bo,bd->od", d_BO, a_BD)).T
 
 
-def _gram_norms(x_BTK: jax.Array, y_BTL: jax.Array) -> jax.Array:
-  """sqrt(sum_{t,s} (x_t·x_s)(y_t·y_s)) per example, `[B]`, without overflow."""
-  x_BTK, mx_B = _norms.normalised(x_BTK)
-  y_BTL, my_B = _norms.normalised(y_BTL)
-  gx_BTT = jnp.einsum("btk,bsk->bts", x_BTK, x_BTK)
-  gy_BTT = jnp.einsum("btl,bsl->bts", y_BTL, y_BTL)
-  sq_B = jnp.einsum("bts,bts->b", gx_BTT, gy_BTT)
-  return mx_B * my_B * jnp.sqrt(jnp.maximum(sq_B, 0.0))
-
-
 class Dense:
   """Rule for `nn.Dense` and `nn.DenseGeneral` (contracting trailing input axes)."""
 
@@ -84,11 +74,9 @@ class Dense:
       d_norm_B = _norms.safe_norms(self.d)
       out["kernel"] = _norms.safe_norms(self.a) * d_norm_B
     elif self._materialise():
-      a_BTD, ma_B = _norms.normalised(self.a)
-      d_BTO, md_B = _norms.normalised(self.d)
-      out["kernel"] = ma_B * md_B * _norms.safe_norms(jnp.einsum("btd,bto->bdo", a_BTD, d_BTO))
+      out["kernel"] = _norms.safe_norms(jnp.einsum("btd,bto->bdo", self.a, self.d))
     else:
-      out["kernel"] = _gram_norms(self.a, self.d)
+      out["kernel"] = _norms.gram_norms(self.a, self.d)
     if self.bias_shape is not None:
       out["bias"] = _norms.safe_norms(jnp.sum(self.d, axis=1))
     return out
@@ -131,10 +119,7 @@ class Embed:
     if self.ids.shape[1] == 1:
       return {"embedding": _norms.safe_norms(self.d)}
     same_BTT = self.ids[:, :, None] == self.ids[:, None, :]
-    d_BTF, m_B = _norms.normalised(self.d)
-    gram_BTT = jnp.einsum("btf,bsf->bts", d_BTF, d_BTF)
-    sq_B = jnp.sum(jnp.where(same_BTT, gram_BTT, 0.0), axis=(1, 2))
-    return {"embedding": m_B * jnp.sqrt(jnp.maximum(sq_B, 0.0))}
+    return {"embedding": _norms.gram_norms(self.d, self.d, same_BTT)}
 
   def weighted_sum(self, w_B: jax.Array, ok_B: jax.Array | None) -> dict[str, jax.Array]:
     d = self.d if ok_B is None else _norms.rows_where(ok_B, self.d)
