@@ -386,10 +386,31 @@ def plot(path: str, rows: list[dict]) -> None:
   results.save_figure(fig, path, dpi=120)
 
 
+RULES = {
+  "seeds": (1, None),
+  "targets": (1, None),
+  "noise_clip": (0, None, "open"),
+  "fixed_multipliers": (0, None),
+  "adaptive_multipliers": (0, None),
+  "poison_counts": (1, None),
+  "max_train": (1, None),
+  "max_test": (1, None),
+  "pretrain_epochs": (1, None),
+  "retrain_epochs": (1, None),
+  "hidden": (1, None),
+  "batch_size": (1, None),
+  "candidates": (1, None),
+  "craft_iters": (1, None),
+  "level": (0, 1),
+  "max_batch": (1, None),
+}
+
+
 def run(config: Config) -> dict:
   """Runs the multi-poison grid, writes adaptive.csv / .png / answer.txt; returns rows, answer."""
   if not config.fixed_multipliers or not config.adaptive_multipliers:
     raise ValueError("need at least one fixed and one adaptive noise multiplier")
+  common.check_config(config, RULES)
   out = common.prepare_out(config)
   with common.Timer() as timer:
     res = targeted.run(targeted_config(config))

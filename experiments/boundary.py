@@ -32,7 +32,6 @@ from absl import flags
 
 from experiments import common
 from jaxshape import accounting
-from jaxshape import data
 from jaxshape import models
 from jaxshape import results
 from jaxshape import train
@@ -134,10 +133,24 @@ def _plot(path, ds, panels, grid):
   os.replace(tmp, path)
 
 
+RULES = {
+  "seeds": (1, None),
+  "epochs": (1, None),
+  "batch_size": (1, None),
+  "learning_rate": (0, None, "open"),
+  "clip_norm": (0, None, "open"),
+  "noise_multiplier": (0, None),
+  "hidden": (1, None),
+  "delta": (0, 1, "open"),
+  "grid": (2, None),
+}
+
+
 def run(config: Config) -> dict:
   """Trains both models on every seed, writes CSV and PNG, returns rows and summary."""
+  common.check_config(config, RULES)
   out = common.prepare_out(config)
-  ds = data.load("two_moons", data_dir=config.data_dir)
+  ds = common.load_data(config, "two_moons")
   keys = jax.vmap(jax.random.key)(jnp.arange(config.seeds))
   n = ds.x_train.shape[0]
   steps = config.epochs * -(-n // config.batch_size)

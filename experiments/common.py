@@ -30,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from jaxshape import _validate
+from jaxshape import data
 from jaxshape import results
 
 PRESET_NAMES = ("smoke", "quick", "paper")
@@ -230,6 +231,22 @@ def prepare_out(config) -> str:
   os.makedirs(config.out, exist_ok=True)
   results.write_json(os.path.join(config.out, "config.json"), dataclasses.asdict(config))
   return config.out
+
+
+def load_data(config, name: str, **kwargs):
+  """`data.load(name, data_dir=config.data_dir, **kwargs)`, noting where it came from.
+
+  The data set's `source` (a folder, a file or `tfds:<name>`) is added under
+  "data_sources" to the `config.json` of `config.out` when that file exists, so a
+  reader of the results knows which copy of the data they came from.
+  """
+  ds = data.load(name, data_dir=config.data_dir, **kwargs)
+  path = os.path.join(config.out or "", "config.json")
+  if config.out and os.path.exists(path):
+    written = results.read_json(path)
+    written.setdefault("data_sources", {})[name] = ds.source
+    results.write_json(path, written)
+  return ds
 
 
 # --- Pre-trained parameters -------------------------------------------------------------------

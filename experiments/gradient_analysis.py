@@ -98,7 +98,6 @@ from absl import flags
 import jaxshape
 from experiments import common
 from jaxshape import analysis
-from jaxshape import data
 from jaxshape import models
 from jaxshape import poisons
 from jaxshape import results
@@ -239,6 +238,29 @@ def settings(config: Config, scenario: str) -> tuple:
   return tuple(float(r) for r in config.poison_ratios)
 
 
+RULES = {
+  "measure": MEASURES,
+  "clip_norms": (0, None, "open"),
+  "noise_multipliers": (0, None),
+  "alphas": (0, 1),
+  "patch_sizes": (1, None),
+  "poison_ratios": (0, 1),
+  "num_collision_poisons": (1, None),
+  "insertion_ratio": (0, 1),
+  "seeds": (1, None),
+  "epochs": (1, None),
+  "hidden": (1, None),
+  "pretrain_epochs": (1, None),
+  "pretrain_learning_rate": (0, None, "open"),
+  "pretrain_batch_size": (1, None),
+  "steinhardt_iterations": (1, None),
+  "max_train": (1, None),
+  "max_test": (1, None),
+  "max_batch": (1, None),
+  "retrain_max_batch": (1, None),
+}
+
+
 def _validate(config: Config) -> None:
   for name in config.scenarios:
     if name not in SCENARIOS:
@@ -247,14 +269,7 @@ def _validate(config: Config) -> None:
     for name in names:
       if name not in DEFENSE_NAMES:
         raise ValueError(f"defense must be among {DEFENSE_NAMES}, got {name!r}")
-  if config.measure not in MEASURES:
-    raise ValueError(f"measure must be one of {MEASURES}, got {config.measure!r}")
-  if any(c <= 0 for c in config.clip_norms):
-    raise ValueError(f"clip norms must be > 0, got {config.clip_norms}")
-  if any(s < 0 for s in config.noise_multipliers):
-    raise ValueError(f"noise multipliers must be >= 0, got {config.noise_multipliers}")
-  if config.seeds < 1:
-    raise ValueError(f"seeds must be >= 1, got {config.seeds}")
+  common.check_config(config, RULES)
   old = os.path.join(config.out, "config.json")
   if os.path.exists(os.path.join(config.out, "gradients.csv")) and os.path.exists(old):
     measured = results.read_json(old).get("measure", "raw")
@@ -269,7 +284,7 @@ def _validate(config: Config) -> None:
 
 
 def _load(config: Config, name: str) -> dict[str, Any]:
-  ds = data.load(name, data_dir=config.data_dir)
+  ds = common.load_data(config, name)
   x, y = common.subsample(ds.x_train, ds.y_train, config.max_train, 0)
   x_test, y_test = common.subsample(ds.x_test, ds.y_test, config.max_test, 1)
   return {"x": x, "y": y, "x_test": x_test, "y_test": y_test, "num_classes": ds.num_classes}

@@ -51,7 +51,6 @@ from absl import flags
 from experiments import common
 from jaxshape import accounting
 from jaxshape import analysis
-from jaxshape import data
 from jaxshape import models
 from jaxshape import poisons
 from jaxshape import report
@@ -149,7 +148,7 @@ def defenses(config: Config) -> list[common.Defense]:
 
 
 def _load(config: Config):
-  ds = data.load(config.dataset, data_dir=config.data_dir)
+  ds = common.load_data(config, config.dataset)
   x, y = ds.x_train, ds.y_train
   if config.max_train is not None and config.max_train < x.shape[0]:
     keep = np.random.default_rng(0).permutation(x.shape[0])[: config.max_train]
@@ -356,12 +355,28 @@ def plot_rad(path: str, rows: list[dict], attacks) -> None:
   )
 
 
+RULES = {
+  "attacks": ATTACKS,
+  "poison_ratios": (0, 1),
+  "clip_norms": (0, None, "open"),
+  "noise_multipliers": (0, None),
+  "noise_clip": (0, None, "open"),
+  "adaptive_multipliers": (0, None),
+  "seeds": (1, None),
+  "epochs": (1, None),
+  "batch_size": (1, None),
+  "learning_rate": (0, None, "open"),
+  "max_train": (1, None),
+  "steinhardt_iterations": (1, None),
+  "max_batch": (1, None),
+  "delta": (0, 1, "open"),
+}
+
+
 def run(config: Config) -> dict:
   """Crafts, trains the grid, writes epochs.csv, results.csv and plots; returns the rows."""
+  common.check_config(config, RULES)
   out = common.prepare_out(config)
-  for attack in config.attacks:
-    if attack not in ATTACKS:
-      raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
   ds, x, y = _load(config)
   epochs_csv = os.path.join(out, "epochs.csv")
   grid = defenses(config)

@@ -59,7 +59,6 @@ from absl import flags
 
 from experiments import common
 from jaxshape import accounting
-from jaxshape import data
 from jaxshape import models
 from jaxshape import results
 from jaxshape import sweep
@@ -151,19 +150,23 @@ PRESETS = {
 }
 
 
+RULES = {
+  "clip_norms": (0, None, "open"),
+  "noise_multipliers": (0, None),
+  "seeds": (1, None),
+  "batch_size": (1, None),
+  "epochs": (1, None),
+  "delta": (0, 1, "open"),
+  "max_batch": (1, None),
+}
+
+
 def _validate(config: Config) -> None:
   known = {r.model for r in config.runs}
   for name in config.models:
     if name not in known:
-      raise ValueError(f"model must be among {sorted(known)}, got {name!r}")
-  if any(c <= 0 for c in config.clip_norms):
-    raise ValueError(f"clip norms must be > 0, got {config.clip_norms}")
-  if any(s < 0 for s in config.noise_multipliers):
-    raise ValueError(f"noise multipliers must be >= 0, got {config.noise_multipliers}")
-  if config.seeds < 1 or config.batch_size < 1:
-    raise ValueError(f"seeds and batch_size must be >= 1, got {config.seeds}, {config.batch_size}")
-  if config.epochs is not None and config.epochs < 1:
-    raise ValueError(f"epochs must be >= 1, got {config.epochs}")
+      raise ValueError(f"--models must be among {sorted(known)}, got {name!r}")
+  common.check_config(config, RULES)
 
 
 def defense_grid(config: Config) -> list[common.Defense]:
@@ -180,13 +183,13 @@ def defense_grid(config: Config) -> list[common.Defense]:
 def load(config: Config, run: ModelRun) -> tuple[dict, str]:
   """The model's data (subsampled) and a note saying which data set it is and why."""
   try:
-    ds = data.load(run.dataset, data_dir=config.data_dir, download=config.download)
+    ds = common.load_data(config, run.dataset, download=config.download)
     note = f"{run.model.upper()}: {run.dataset} (the paper's)"
   except FileNotFoundError as e:
     if not config.fallback:
       raise
     first_line = str(e).splitlines()[0].split(". Looked in")[0]
-    ds = data.load(run.fallback, data_dir=config.data_dir, download=config.download)
+    ds = common.load_data(config, run.fallback, download=config.download)
     note = (
       f"{run.model.upper()}: {run.fallback} INSTEAD OF {run.dataset} ({first_line}); "
       "a stand-in, not the paper's setting"

@@ -126,7 +126,9 @@ def run_setup(config, setup: setups.Setup, ds, folder: str, cache: common.Params
   seconds["retrain"] = t.seconds
   seconds["retrain_jobs"] = len(jobs)
   new_rows = len(rows) - before
-  targeted = outcome.aggregate(plan, rows, config.mode)
+  targeted = outcome.aggregate(
+    plan, rows, config.mode, attempts=config.attempts, counts=set(config.poison_counts)
+  )
   summary = outcome.summarize(plan, targeted)
   results.write_csv(
     os.path.join(folder, "targeted.csv"),

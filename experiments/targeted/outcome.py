@@ -115,7 +115,14 @@ def _ident(row) -> tuple:
   return (d.kind, results.canonical(d.clip_norm), results.canonical(d.noise_multiplier))
 
 
-def aggregate(plan, attempt_rows: list[dict], mode: str, control: str = "control") -> list[dict]:
+def aggregate(
+  plan,
+  attempt_rows: list[dict],
+  mode: str,
+  control: str = "control",
+  attempts: int | None = None,
+  counts: Sequence[int] | None = None,
+) -> list[dict]:
   """targeted.csv rows: one per (attack, arm, seed, target) of `plan`.
 
   The runs of a target are taken in the original's order (one-shot: attempts 0, 1, ...;
@@ -124,7 +131,9 @@ def aggregate(plan, attempt_rows: list[dict], mode: str, control: str = "control
   have made them). The reported run is the first success, else the last run.
   `margin_shifts` lists, per kept run, its final margin minus the control's (the same
   re-training without the poison): negative is toward the attacker. A target with no
-  usable poison fails with no run (acc_final and rad empty).
+  usable poison fails with no run (acc_final and rad empty). Rows of an earlier run with more
+  `attempts` (one-shot) or other `counts` (multi-poison) in the same attempts.csv are left
+  out, so a run with fewer attempts reports any-of-its-own-attempts.
   """
   runs: dict[tuple, list[dict]] = {}
   controls: dict[tuple, dict] = {}
@@ -132,6 +141,10 @@ def aggregate(plan, attempt_rows: list[dict], mode: str, control: str = "control
     ident = (_ident(row), int(row["seed"]), int(row["target_index"]))
     if row["attack"] == control:
       controls[ident] = row
+    elif attempts is not None and mode == "oneshot" and int(row["attempt"]) >= attempts:
+      continue
+    elif counts is not None and mode == "multipoison" and int(row["n_poisons"]) not in counts:
+      continue
     else:
       runs.setdefault((row["attack"], *ident), []).append(row)
   attacks = list(dict.fromkeys(a for a, _ in plan.crafted))

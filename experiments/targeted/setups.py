@@ -55,9 +55,7 @@ def parse_setup(text: str) -> tuple[str, str]:
 
 def resolve_setups(config, loader=None) -> tuple[list[Setup], dict[str, data.Dataset]]:
   """The setups to run (missing datasets replaced when `config.fallback`) and their data."""
-  loader = loader or functools.partial(
-    data.load, data_dir=config.data_dir, download=config.download
-  )
+  loader = loader or functools.partial(common.load_data, config, download=config.download)
   names = config.setups or PAPER_SETUPS[config.mode]
   if config.setups is None and config.models is not None:
     skipped = [n for n in names if parse_setup(n)[1] not in config.models]

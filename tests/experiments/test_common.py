@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 
 from experiments import common
+from jaxshape import results
 
 
 def test_defense_labels_slugs_and_rows():
@@ -90,3 +91,17 @@ def test_params_cache_round_trip_and_key_mismatch(tmp_path):
   for a, b in ((got, params), (again, params)):
     np.testing.assert_array_equal(a["w"], b["w"])
   assert cache.load("model", {"setup": "x", "seed": 1}, params) is None
+
+
+def test_load_data_notes_the_source_in_config_json(tmp_path):
+  @dataclasses.dataclass(frozen=True)
+  class Config:
+    out: str
+    data_dir: str | None = None
+
+  config = Config(out=str(tmp_path))
+  common.prepare_out(config)
+  ds = common.load_data(config, "two_moons")
+  written = results.read_json(str(tmp_path / "config.json"))
+  assert written["data_sources"] == {"two_moons": ds.source}
+  assert ds.source

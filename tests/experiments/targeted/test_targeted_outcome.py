@@ -122,3 +122,19 @@ def test_aggregate_multipoison_smallest_count_and_missing_poisons():
   assert (out[11]["success"], out[11]["n_poisons_used"], out[11]["rad"]) == (False, 0, None)
   (s,) = outcome.summarize(plan, list(out.values()))
   assert (s["successes"], s["mean_poisons"]) == (1, 4.0)
+
+
+def test_aggregate_leaves_out_rows_beyond_the_configured_attempts_and_counts():
+  plan = _plan([10])
+  rows = [
+    _row(10, "control", -1, 0, False, 5.0),
+    _row(10, "poison_frogs", 0, 1, False, 4.0),
+    _row(10, "poison_frogs", 1, 1, True, -1.0),  # from an earlier run with more attempts
+  ]
+  (one,) = outcome.aggregate(plan, rows, "oneshot", attempts=1)
+  assert (one["success"], one["attempts_used"], one["margin_shifts"]) == (False, 1, "-1.000")
+  (two,) = outcome.aggregate(plan, rows, "oneshot", attempts=2)
+  assert (two["success"], two["attempts_used"]) == (True, 2)
+  multi = [_row(10, "control", -1, 0, False, 5.0), _row(10, "poison_frogs", 0, 3, True, -1.0)]
+  (m,) = outcome.aggregate(plan, multi, "multipoison", counts={1, 2})
+  assert (m["success"], m["n_poisons_used"]) == (False, 0)
