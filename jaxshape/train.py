@@ -142,7 +142,7 @@ class TrainSpec:
     return self.loss_fn.model
 
   @property
-  def per_example(self) -> bool:
+  def computes_norms(self) -> bool:
     """Whether a step computes per-example norms (every defense, and vanilla with track_norms)."""
     return self.defense != "vanilla" or self.track_norms
 
@@ -186,7 +186,7 @@ def make_optimizer(
     base = optax.sgd(hp.learning_rate, momentum=spec.momentum)
   else:
     base = optax.adam(hp.learning_rate)
-  if not spec.per_example:
+  if not spec.computes_norms:
     return base
   if spec.defense == "adaptive":
     noise = transforms.add_adaptive_noise(hp.noise_multiplier, steps_per_epoch, key)
@@ -208,11 +208,11 @@ def train_step(
 ) -> tuple[TrainState, StepMetrics]:
   """One update on `batch` (a dict with x, y and a float `mask`). Pure; jit it.
 
-  With per-example norms (`spec.per_example`) this is where clipping happens
+  With per-example norms (`spec.computes_norms`) this is where clipping happens
   (`clipped_sum_and_norms` at the defense's C) and where the norm statistics
   are computed; `optimizer` (from `make_optimizer`) adds noise and steps.
   """
-  if spec.per_example:
+  if spec.computes_norms:
     loss = spec.loss_fn(state.params, batch)
     clip = defense_hparams(spec, hparams).l2_norm_clip
     clipped = per_example.clipped_sum_and_norms(spec.loss_fn, state.params, batch, clip)

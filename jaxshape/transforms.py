@@ -96,7 +96,7 @@ def _check_clipped_sum(clipped: grads_lib.ClippedSum, params: Params) -> None:
     raise ValueError(f"a jaxshape transform {_NO_PARAMS}")
   got, want = jax.tree.map(np.shape, clipped.sum), jax.tree.map(np.shape, params)
   same_tree = jax.tree.structure(clipped.sum) == jax.tree.structure(params)
-  if not same_tree or jax.tree.leaves(clipped.sum) and got != want:
+  if not same_tree or got != want:
     raise ValueError(
       "ClippedSum.sum must be shaped like params (one summed gradient, no batch axis): "
       f"got {got}, params have {want}"
