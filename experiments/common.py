@@ -233,6 +233,11 @@ def prepare_out(config) -> str:
   return config.out
 
 
+# The batch sampling every experiment trains with (train.TrainSpec's default), and so the one
+# its reported epsilon must assume (accounting.epsilon(..., sampling=SAMPLING); Chua et al. 2024).
+SAMPLING = "shuffle"
+
+
 def load_data(config, name: str, **kwargs):
   """`data.load(name, data_dir=config.data_dir, **kwargs)`, noting where it came from.
 

@@ -30,8 +30,8 @@ Outputs in `--out`:
   utility.csv    one row per model x (C, sigma) x seed (and vanilla: C inf):
                  `model, dataset, defense, clip_norm, noise_multiplier, seed,
                  test_acc, epsilon` (epsilon: RDP accountant, delta 1e-5,
-                 sampling rate batch / N, steps = epochs x ceil(N / batch);
-                 inf for sigma 0 and vanilla).
+                 shuffled fixed batches as trained, steps = epochs x
+                 ceil(N / batch); inf for sigma 0 and vanilla).
   utility.png    test accuracy vs sigma, one line per C, one panel per model,
                  mean +- std over seeds (vanilla as a dashed band).
   datasets.json  the data set each model used, and why.
@@ -237,7 +237,8 @@ def _build(config: Config, run: ModelRun, num_classes: int, epochs: int):
 def epsilon(config: Config, sigma: float, num_train: int, epochs: int) -> float:
   """epsilon at `config.delta` of `epochs` passes of batch `config.batch_size` over `num_train`."""
   steps = epochs * -(-num_train // config.batch_size)
-  return accounting.epsilon(sigma, min(1.0, config.batch_size / num_train), steps, config.delta)
+  q = min(1.0, config.batch_size / num_train)
+  return accounting.epsilon(sigma, q, steps, config.delta, sampling=common.SAMPLING)
 
 
 def _run_model(config: Config, run: ModelRun, d: dict, csv_path: str) -> list[dict]:
@@ -413,7 +414,7 @@ def run(config: Config) -> dict:
     }
   )
   print(
-    f"\nepsilon (delta {config.delta:g}): "
+    f"\nepsilon (delta {config.delta:g}; {accounting.assumption(sampling=common.SAMPLING)}): "
     + "; ".join(f"{m} s={s:g}: {e:.3g}" for m, s, e in eps_rows)
   )
   print(f"wall time {timer.seconds:.1f} s; wrote {csv_path} and {out}/utility.png")

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from experiments import indiscriminate
+from jaxshape import accounting
 from jaxshape import data
 from jaxshape import results
 
@@ -108,4 +109,5 @@ def test_demo_table_is_readable(smoke):
       assert len(cells) == 5, line  # label, two ratios, clean acc, epsilon
       assert all(mean_std.match(c) for c in cells[1:4]), line
       assert re.match(rf"^({number}(–{number})?|inf|-)$", cells[4]), line
-  assert "poisson sampling" in text and "sampling='shuffle'" in text
+  # epsilon assumes the sampling training used (shuffled fixed batches), and says so.
+  assert accounting.assumption(sampling="shuffle") in text
