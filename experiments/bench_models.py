@@ -132,7 +132,8 @@ def time_interleaved(
   a step never pays for the buffers another method just freed (after the
   vmap path's hundreds of MB, the next step otherwise faults in fresh pages).
   Rounds: `repeats`, or fewer (at least 2) when they would take more than
-  `budget_s` seconds at the speed of the last warm-up calls. Steps slower
+  `budget_s` seconds at the speed of the last warm-up calls (a step slower
+  than `budget_s / 8` is warmed up once). Steps slower
   than `budget_s / 4` for all runners together (ResNet-18: seconds per step
   on 2 cores, where page faults are noise) skip the untimed call.
   """
@@ -142,6 +143,8 @@ def time_interleaved(
       start = time.perf_counter()
       run_once()
       last[name] = time.perf_counter() - start
+      if last[name] > budget_s / 8:  # one warm-up call is enough for a slow step
+        break
   one_each = sum(last.values())
   untimed = one_each <= budget_s / 4
   affordable = budget_s / max((2 if untimed else 1) * one_each, 1e-9)

@@ -1,5 +1,6 @@
 """Tests experiments/bench_models.py: the user models take the engine; the timing loop's budget."""
 
+import jax
 import pytest
 
 from experiments import bench_models
@@ -11,8 +12,10 @@ def test_user_models_take_the_engine_without_fallback(name):
   from jaxshape import models
   from jaxshape import per_example
 
-  model, params = bench_models.init(name, 0)
+  model, _ = bench_models.spec(name)
   batch = bench_models.make_batch(name, 2, 0)
+  # Shapes suffice to plan: no initializer is compiled (ResNet-18's took 30 s).
+  params = jax.eval_shape(model.init, jax.random.key(0), batch["x"][:1])["params"]
   assert per_example.fallback_layers(models.ClassifierLoss(model), params, batch) == ()
 
 
@@ -46,5 +49,6 @@ def test_time_interleaved_counts_rounds_and_respects_the_budget(monkeypatch):
   bench_models.time_interleaved(slow, repeats=50, warmup=1, budget_s=0.1)
   assert calls["a"] == 1 + 2 * 2  # 0.1 s of 0.04 s rounds: the minimum of 2 rounds
   calls.update(a=0, b=0)
-  bench_models.time_interleaved(slow, repeats=50, warmup=1, budget_s=0.05)
-  assert calls["a"] == 1 + 2  # a step over budget / 4: two timed calls, none untimed
+  bench_models.time_interleaved(slow, repeats=50, warmup=3, budget_s=0.05)
+  assert calls["a"] == 1 + 2  # over budget / 8: one warm-up; over budget / 4: no untimed calls
+  assert calls["b"] == 3 + 2
