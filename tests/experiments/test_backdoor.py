@@ -30,11 +30,23 @@ def smoke(tmp_path_factory):
   except FileNotFoundError as e:
     pytest.skip(f"FashionMNIST is not installed (make data): {e}")
   config = _tiny(tmp_path_factory.mktemp("backdoor"))
-  return config, backdoor.run(config)
+  s = experiment.setup(config)
+  calls = []
+  real = experiment.train_model
+
+  def spy(config_, s_, defense, key, x, y, init=None):
+    clean = x.shape == s.x_N.shape and np.array_equal(x, s.x_N) and np.array_equal(y, s.y_N)
+    calls.append({"n": len(y), "clean": clean, "key": int(experiment.jax.random.key_data(key)[-1])})
+    return real(config_, s_, defense, key, x, y, init)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(experiment, "train_model", spy)
+    out = backdoor.run(config)
+  return config, out, calls
 
 
 def test_schema_rows_and_counts(smoke):
-  config, out = smoke
+  config, out, _ = smoke
   assert results.read_header(os.path.join(config.out, "results.csv")) == list(backdoor.COLUMNS)
   keys = {(r["attack"], r["poison_ratio"], r["seed"]) for r in out["rows"]}
   assert keys == {(a, p, 0) for a in config_lib.ATTACKS for p in config_lib.ratios(config, a)}
@@ -46,7 +58,7 @@ def test_schema_rows_and_counts(smoke):
 
 
 def test_poisoned_sets_and_control_has_no_poison(smoke):
-  config, _ = smoke
+  config, _, _ = smoke
   s = experiment.setup(config)
   cache = experiment.common.ParamsCache(os.path.join(config.out, "cache"))
   by_name = {a.name: a for a in experiment.attacks(config, s, cache)}
@@ -59,21 +71,16 @@ def test_poisoned_sets_and_control_has_no_poison(smoke):
   blend = by_name["blend"]
   assert len(blend.y_train) == config.max_train + blend.n_poisons
   np.testing.assert_array_equal(blend.y_train[config.max_train :], config.target_class)
-  # The control of (vanilla, seed 0) is the model trained on the clean subset: retraining it
-  # on s.x_N with the victims' key gives the cached parameters exactly.
-  key = experiment.jax.random.key(experiment.VICTIM_SEED)
-  params = experiment.train_model(config, s, experiment.common.VANILLA, key, s.x_N, s.y_N)
-  files = [f for f in os.listdir(os.path.join(config.out, "cache")) if f.startswith("control")]
-  assert len(files) == 1
-  with np.load(os.path.join(config.out, "cache", files[0])) as f:
-    cached = [f[k] for k in sorted(f.files) if k.startswith("leaf_")]
-  leaves = experiment.jax.tree.leaves(params)
-  assert sorted(np.asarray(x).size for x in leaves) == sorted(x.size for x in cached)
-  assert np.allclose(sum(float(np.sum(x)) for x in leaves), sum(float(x.sum()) for x in cached))
+  # The control is trained on exactly the clean subset, with the poisoned victims' key.
+  calls = smoke[2]
+  control = [c for c in calls if c["n"] == config.max_train and c["clean"]]
+  assert len(control) == 1 and control[0]["key"] == calls[0]["key"]
+  assert {c["key"] for c in calls} == {control[0]["key"]}
+  assert len(calls) == 1 + sum(len(config_lib.ratios(config, a)) for a in config.attacks)
 
 
 def test_summary_agrees_and_rerun_trains_nothing(smoke):
-  config, out = smoke
+  config, out, _ = smoke
   assert report.summarise(out["rows"]) == out["summary"]
   for row in out["summary"]:
     assert row["seeds"] == 1 and row["asr_low"] <= row["asr"] <= row["asr_high"]
