@@ -32,6 +32,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -162,7 +163,8 @@ def attacks(config, s: Setup, cache: common.ParamsCache) -> list[Attack]:
       k = jax.random.fold_in(jax.random.fold_in(key, a), r)
       if attack == "narcissus":
         ps = poisons.narcissus(k, s.x_N, s.y_N, ratio, config.target_class, delta,
-                               epsilon=config.epsilon, magnification=config.magnification)  # fmt: skip
+                               epsilon=config.epsilon,
+                               magnification=config.magnification)  # fmt: skip
         merged = poisons.merge((s.x_N, s.y_N), ps, replace=True)
         fn = lambda x, d=delta: poisons.apply_narcissus(x, d, config.magnification)
       else:
@@ -274,8 +276,8 @@ def run(config) -> dict:
       template = models.init_params(s.model, key, s.x_N.shape[1:])
       ckey = {**_cache_fields(config), **defense._asdict(), "seed": seed, "control": True,
               "pretrain_epochs": config.pretrain_epochs}  # fmt: skip
-      control = cache.get(f"control_{defense.slug}_s{seed}", ckey, template,
-                          lambda: train_model(config, s, defense, key, s.x_N, s.y_N, init))  # fmt: skip
+      clean_fn = functools.partial(train_model, config, s, defense, key, s.x_N, s.y_N, init)
+      control = cache.get(f"control_{defense.slug}_s{seed}", ckey, template, clean_fn)
       for a in todo:
         with common.Timer() as timer:
           params = train_model(config, s, defense, key, a.x_train, a.y_train, init)

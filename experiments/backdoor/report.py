@@ -47,8 +47,8 @@ def summarise(rows) -> list[dict]:
     groups.setdefault(tuple(r[g] for g in GROUP), []).append(r)
   out = []
   for key, rs in groups.items():
-    mean = lambda f, rs=rs: float(np.mean([float(r[f]) for r in rs]))
-    std = lambda f, rs=rs: float(np.std([float(r[f]) for r in rs]))
+    mean = lambda f, rs=rs: results.mean_std(rs, (), f)[0]["mean"]
+    std = lambda f, rs=rs: results.mean_std(rs, (), f)[0]["std"]  # ddof 1
     out.append({
       **dict(zip(GROUP, key, strict=True)), "n_poisons": rs[0]["n_poisons"], "seeds": len(rs),
       "asr": mean("asr"), "asr_std": std("asr"),
@@ -87,8 +87,10 @@ def plot_ratio(path: str, summary: list[dict]) -> None:
     for i, label in enumerate(dict.fromkeys(_label(r) for r in rs)):
       line = sorted((r for r in rs if _label(r) == label), key=lambda r: r["poison_ratio"])
       x = [100 * r["poison_ratio"] for r in line]
-      for f, lo, hi, mfc, ls in (("asr", "asr_low", "asr_high", None, "-"),
-                                 ("control_asr", "control_low", "control_high", "none", ":")):
+      for f, lo, hi, mfc, ls in (
+        ("asr", "asr_low", "asr_high", None, "-"),
+        ("control_asr", "control_low", "control_high", "none", ":"),
+      ):
         y = np.array([r[f] for r in line])
         err = [y - [r[lo] for r in line], [r[hi] for r in line] - y]
         ax.errorbar(x, y, yerr=err, color=f"C{i}", marker="o", mfc=mfc, ls=ls, capsize=3,

@@ -41,7 +41,8 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +173,9 @@ def apply_narcissus(x: ArrayLike, delta: ArrayLike, magnification: float = 1.0) 
   if x.shape[-delta.ndim :] != delta.shape:
     raise ValueError(f"x has inputs of shape {x.shape}, the trigger is {delta.shape}")
   _validate.check_nonnegative("magnification", magnification)
-  return jnp.clip(x + magnification * delta.reshape((1,) * (x.ndim - delta.ndim) + delta.shape), 0.0, 1.0)
+  return jnp.clip(
+    x + magnification * delta.reshape((1,) * (x.ndim - delta.ndim) + delta.shape), 0.0, 1.0
+  )
 
 
 def narcissus(
