@@ -17,13 +17,16 @@ with step size decayed by 10x at 3/8, 5/8 and 7/8 of the steps, is projected
 back to the epsilon ball and the [0, 1] box after each step, optionally sees
 differentiable augmentation (random flips and shifts) so it survives the
 victim's, and is restarted R times from random starts keeping the restart of
-lowest alignment loss (measured without augmentation).
+lowest alignment loss (measured without augmentation). Against an ensemble
+of surrogates (several seeds, or checkpoints of one training run, so the
+poisons stay aligned along the victim's whole training from scratch) the
+objective is the mean alignment loss over the members.
 
 References:
   Geiping et al. 2021, "Witches' Brew: Industrial Scale Data Poisoning via
   Gradient Matching", §3 (gradient alignment objective, Eq. 3), §4
-  (signed Adam, restarts, differentiable augmentation, epsilon = 8/255 or
-  16/255). papers/witches-brew-review.md.
+  (signed Adam, restarts, differentiable augmentation, ensembles,
+  epsilon = 8/255 or 16/255). papers/witches-brew-review.md.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ from jaxshape.poisons.poison_set import take_rows
 def _ce_sum(model, params, x_B, y_B):
   logits_BC = model.apply({"params": params}, x_B)
   return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_BC, y_B))
+
+
+def members(params) -> tuple:
+  """An ensemble (a list or tuple of parameter trees) as a tuple; one tree as a 1-tuple."""
+  return tuple(params) if isinstance(params, list | tuple) else (params,)
 
 
 def _tree_dot(a, b):
@@ -104,9 +112,21 @@ class Recipe(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=0)
 def target_gradient(model, params: Params, x_target: jax.Array, adversarial_class: ArrayLike):
-  """grad_theta of the target's cross-entropy towards the attacker's class."""
+  """grad_theta of the target's cross-entropy towards the attacker's class.
+
+  For an ensemble (a list or tuple of parameter trees), a tuple of one gradient per member.
+  """
   y_1 = jnp.reshape(adversarial_class, [1]).astype(jnp.int32)
-  return jax.grad(_ce_sum, argnums=1)(model, params, x_target[None], y_1)
+  grads = tuple(
+    jax.grad(_ce_sum, argnums=1)(model, p, x_target[None], y_1) for p in members(params)
+  )
+  return grads if isinstance(params, list | tuple) else grads[0]
+
+
+def _mean_over_members(fn, params, grad_target):
+  """The mean of `fn(params_k, grad_target_k)` (a pytree) over the ensemble's members."""
+  outs = [fn(p, g) for p, g in zip(members(params), members(grad_target), strict=True)]
+  return jax.tree.map(lambda *v: sum(v) / len(v), *outs)
 
 
 def alignment_loss(model, params, grad_target, x_P, y_P):
@@ -183,7 +203,11 @@ def _step(state, key, model, params, grad_target, x_P, y_P, epsilon, learning_ra
       x_in = augment_images(key, x_in, recipe.max_shift, recipe.flip)
     return x_in
 
-  loss, g_P = alignment_value_and_grad(model, params, grad_target, inputs_fn, state.delta_P, y_P)
+  loss, g_P = _mean_over_members(
+    lambda p, g: alignment_value_and_grad(model, p, g, inputs_fn, state.delta_P, y_P),
+    params,
+    grad_target,
+  )
   # Signed Adam: Adam on the sign of the gradient, descending the loss.
   opt = _optimizer(learning_rate, recipe.steps)
   updates, opt_state = opt.update(jnp.sign(g_P), state.opt_state, state.delta_P)
@@ -193,12 +217,16 @@ def _step(state, key, model, params, grad_target, x_P, y_P, epsilon, learning_ra
 
 _init_jit = jax.jit(_init, static_argnames=("recipe",))
 _step_jit = jax.jit(_step, static_argnames=("model", "recipe"), donate_argnames=("state",))
-_final_loss_jit = jax.jit(
-  lambda model, params, grad_target, x_P, y_P, delta_P: alignment_loss(
-    model, params, grad_target, x_P + delta_P, y_P
-  ),
-  static_argnums=0,
-)
+
+
+def _final_loss(model, params, grad_target, x_P, y_P, delta_P):
+  """The alignment loss at x + delta, without augmentation (the ensemble's mean)."""
+  return _mean_over_members(
+    lambda p, g: alignment_loss(model, p, g, x_P + delta_P, y_P), params, grad_target
+  )
+
+
+_final_loss_jit = jax.jit(_final_loss, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "recipe"))
@@ -231,7 +259,7 @@ def brew(
     return _step(state, k, model, params, grad_target, x_P, y_P, epsilon, learning_rate, recipe)
 
   state, alignment_S = jax.lax.scan(body, state, jax.random.split(key_steps, recipe.steps))
-  final = alignment_loss(model, params, grad_target, x_P + state.delta_P, y_P)
+  final = _final_loss(model, params, grad_target, x_P, y_P, state.delta_P)
   return Brew(state.delta_P, final, alignment_S)
 
 
@@ -304,7 +332,9 @@ def witches_brew(
 
   Args:
     key: PRNG key (budget choice, random starts, augmentation).
-    model, params: the model the attacker crafts against (pre-trained).
+    model, params: the model the attacker crafts against (pre-trained), or
+      a list of parameter trees: an ensemble whose mean alignment loss is
+      minimised (e.g. checkpoints of one training run, or several seeds).
     x_target: the target input `[...]` (no batch axis); it is not modified.
     adversarial_class: the class the target should get; the poisons are
       training points of this class and keep this (clean) label.

@@ -4,7 +4,8 @@ The perturbation respects the l-infinity bound and the box exactly (as
 float32 computes them), labels stay clean, the cosine alignment rises over
 the steps, the reverse-over-forward gradient equals plain double-backward
 autodiff (jitted and eager), the host and `lax.scan` drivers agree, and the
-augmentation moves pixels without changing them.
+augmentation moves pixels without changing them; an ensemble of one model is
+that model, and an ensemble's loss is its members' mean.
 """
 
 import functools
@@ -144,3 +145,22 @@ def test_augmentation_only_moves_pixels():
         want[2:8, 2:8] = np.asarray(x[i])
         found |= np.array_equal(shifted[i], want[2 + dy : 8 + dy, 2 + dx : 8 + dx])
     assert found, i
+
+
+def test_ensemble_of_one_is_the_model_and_loss_is_the_members_mean(problem):
+  x, y, x_target, params = problem
+  kwargs = dict(budget=4, steps=5, restarts=1, epsilon=EPSILON, augment=False)
+  one = poisons.witches_brew(jax.random.key(9), MODEL, params, x_target, 2, x, y, **kwargs)
+  listed = poisons.witches_brew(jax.random.key(9), MODEL, [params], x_target, 2, x, y, **kwargs)
+  np.testing.assert_allclose(one.x, listed.x, atol=1e-6)
+  other = jax.tree.map(lambda a: 0.5 * a, params)
+  pair = poisons.witches_brew(
+    jax.random.key(9), MODEL, [params, other], x_target, 2, x, y, **kwargs
+  )
+  grads = poisons.target_gradient(MODEL, [params, other], x_target, 2)
+  assert isinstance(grads, tuple) and len(grads) == 2
+  each = [
+    float(poisons.alignment_loss(MODEL, p, g, pair.x, pair.y))
+    for p, g in zip([params, other], grads, strict=True)
+  ]
+  np.testing.assert_allclose(float(pair.info["loss_R"][0]), np.mean(each), rtol=1e-4)
