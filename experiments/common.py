@@ -32,6 +32,7 @@ from absl import flags
 from jaxshape import _validate
 from jaxshape import data
 from jaxshape import results
+from jaxshape import shaping
 
 PRESET_NAMES = ("smoke", "quick", "paper")
 COMMON_FIELDS = ("out", "data_dir", "seeds", "progress")
@@ -39,7 +40,7 @@ COMMON_FIELDS = ("out", "data_dir", "seeds", "progress")
 # --- Defenses ---------------------------------------------------------------------------------
 
 
-SHAPING_KINDS = ("centered", "cosine", "trimmed", "median", "quantile")
+SHAPING_KINDS = tuple(shaping.DEFENSES)  # the mechanisms beyond DP-SGD (`jaxshape.shaping`)
 
 
 class Defense(NamedTuple):

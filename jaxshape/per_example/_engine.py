@@ -243,21 +243,17 @@ def reweighted_sum(loss, params, batch, reference, weights_fn):
   clipped sum's plus the dot products.
   """
   scale_B, keepw_B = _loss.per_example_weights(batch)
-  chunk = chunk_size_for(loss, params, batch)
 
-  def body(total, arrays_b):
-    batch_b, scale_b, keepw_b = arrays_b
-    parts = Parts(loss, params, batch_b, scale_b)
+  def coefficients(parts, keepw_b):
     norms_b, dots_b = parts.norms(), parts.dots(reference)
     ok_b = jnp.isfinite(norms_b) & jnp.isfinite(dots_b) & (keepw_b != 0)
     keep_b = jnp.where(ok_b, keepw_b, 0.0)
     safe_norms_b, safe_dots_b = jnp.where(ok_b, norms_b, 0.0), jnp.where(ok_b, dots_b, 0.0)
     w_b = jnp.where(ok_b, keepw_b * weights_fn(safe_norms_b, safe_dots_b), 0.0)
-    total = _add(total, parts.weighted_sum(w_b, ok_b), params)
-    return total, (norms_b, dots_b, keep_b, w_b)
+    return w_b, ok_b, (norms_b, dots_b, keep_b, w_b)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  total, out = scan_chunks(body, zeros, (batch, scale_B, keepw_B), chunk)
+  chunk = chunk_size_for(loss, params, batch)
+  total, out = _summed(loss, params, batch, scale_B, keepw_B, coefficients, chunk)
   return (total,) + tuple(o.astype(jnp.float32) for o in out)
 
 
