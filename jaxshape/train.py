@@ -85,7 +85,10 @@ class HParams(NamedTuple):
     """Float32 hyperparameters; concrete values out of range raise ValueError naming them."""
     _check_hparams(learning_rate, l2_norm_clip, noise_multiplier, shaping_param)
     f = lambda v: jnp.asarray(v, jnp.float32)
-    return cls(f(learning_rate), f(l2_norm_clip), f(noise_multiplier), f(shaping_param))
+    lr, clip, noise, param = map(f, (learning_rate, l2_norm_clip, noise_multiplier, shaping_param))
+    if param.ndim == 0:  # the default 0 follows a grid of the others (a vmap maps every field)
+      param = jnp.broadcast_to(param, jnp.broadcast_shapes(lr.shape, clip.shape, noise.shape))
+    return cls(lr, clip, noise, param)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +191,8 @@ def make_optimizer(
   in `train_step`, once) and adds noise before the base optimizer:
   `add_gaussian_noise` for "dp" (and for "vanilla" with `track_norms`, as "dp"
   with C = inf, sigma = 0: no noise is drawn), `add_adaptive_noise` for
-  "adaptive" (`steps_per_epoch` marks its epochs).
+  "adaptive" (`steps_per_epoch` marks its epochs). A `shaping.DEFENSES`
+  defense chains its shaping transform before `add_gaussian_noise`.
   """
   hp = defense_hparams(spec, hparams)
   if spec.optimizer == "sgd":
