@@ -30,24 +30,14 @@ paper's Fig. 5 criterion), and counts which points of one frontier the other
 dominates.
 
 Presets. quick: softmax regression (LR, Adam / DP-Adam, lr 0.08) on
-FashionMNIST, the stand-in for the paper's LR / Purchase-100 of §6.4, because
-there the multi-poison attack works (about 70% of targets with 8 poisons in a
-trial run), while against the FashionMNIST MLP it almost never succeeds
-without a defense in our runs (no success to reduce; `--setup=
-fashion_mnist:mlp` runs it anyway). A fixed random subset of 10,000 clean
-training points, 20 pre-training and 8 re-training epochs, 20 targets and 2
-seeds (40 target-seeds per defense), poison counts 1, 2, 4, 8; fixed sigma
-0.01, 0.1, 0.4, 1 and adaptive sigma 0.1, 0.4, 1, 4 (adaptive noise scales
-with the mean clipped norm, which is below C = 4, so comparable noise needs a
-larger sigma).
-
-The multi-poison re-trainings are `experiments/targeted/`'s: each poison
-takes the slot of one clean point so every batch is full. Until issue 5 the poisons
-were added, which left a batch of k examples at the end of every epoch,
-averaged at full weight; for the noisy defenses that batch also got the whole
-noise sigma*C / k instead of sigma*C / 100. Results from before that change
-(an output folder without `run.json` or with an older `retrain_version`) are
-refused on rerun: use a new `--out`.
+FashionMNIST, the stand-in for the paper's LR / Purchase-100 of §6.4 (why:
+RESULTS.md, "§7.2 Adaptive noise"); 10,000 clean training points, 20
+pre-training and 8 re-training epochs, 20 targets x 2 seeds, poison counts 1,
+2, 4, 8; fixed sigma 0.01, 0.1, 0.4, 1 and adaptive sigma 0.1, 0.4, 1, 4
+(adaptive noise scales with the mean clipped norm, below C = 4, so comparable
+noise needs a larger sigma). The re-trainings are `experiments/targeted/`'s
+(poisons take the slots of clean points); folders from older re-training
+versions are refused on rerun.
 
 Commands:
   python -m experiments.adaptive_noise --preset=smoke --out=runs/adaptive_smoke

@@ -1,18 +1,9 @@
 """Cost of gradient shaping: plain SGD vs DP steps, for jaxshape's models and a user's (and Opacus).
 
-Models (10 classes except LR; float32):
-  lr            LR 784->2 on 28x28x1 (the paper's)
-  mlp           MLP 784-256-10 (the paper's)
-  cnn_28x28x1   the paper's CNN (Table 4) on FashionMNIST-sized inputs
-  cnn_32x32x3   the same on CIFAR-sized inputs
-  deep_mlp      a user's MLP 784-512-128-64-10 with tanh
-  strided_cnn   a user's CNN on 28x28x1: 5x5 stride-2 conv(32) + 3x3 conv(64) +
-                2x2 avg-pool + dense(128) + dense(10)
-  resnet18      `jaxshape.models.ResNet18` (GroupNorm) on 32x32x3
-  transformer   a user's token classifier: Embed(1000, 64) on 32 tokens + one
-                pre-LayerNorm block (4-head self-attention, MLP 256) + head
-The user models are plain Flax modules written here, as a new user would;
-none of them is special-cased by the engine.
+The models and batches are `experiments.bench_models`' (the paper's LR, MLP
+and CNN on 28x28x1 and 32x32x3; a user's deep MLP, strided CNN, GroupNorm
+ResNet-18 and Transformer); the PyTorch / Opacus side is
+`experiments.bench_torch`.
 
 For each model and batch size, in one process, it times whole jitted training
 steps (gradient + optax update):
@@ -30,21 +21,22 @@ steps (gradient + optax update):
             per parameter (threefry), the floor under any exact DP-SGD step
 
 With `--compare=opacus` (needs the `[compare]` extra: torch and opacus) it
-also times the same models in PyTorch: a plain SGD step (`opacus_sgd`),
-Opacus with per-sample-gradient hooks (`opacus_hooks`) and Opacus ghost
-clipping (`opacus_ghost`).
+also times PyTorch SGD, Opacus hooks and Opacus ghost clipping on the same
+shapes.
 
 Timing: methods of one framework are interleaved round by round (so a change
 in machine load hits all of them alike); in each round a method takes one
 untimed step and then one timed step; the reported time is the median over
-`--repeats` rounds after `--warmup` untimed steps (ResNet-18: at most
-`SLOW_REPEATS`). PyTorch runs with OMP_WAIT_POLICY=PASSIVE unless set
-otherwise: with OpenMP's default spinning its steps measured 2.5-12x slower on
-a loaded 2-core machine. Peak memory of a JAX step is the compiled
-executable's own estimate (`jit(...).lower(...).compile().memory_analysis()`):
-arguments + outputs + temporaries - donated (aliased) bytes, i.e. everything
-the step holds at once. The CPU device has no `memory_stats()`, and PyTorch
-rows leave it empty.
+`--repeats` rounds after `--warmup` untimed steps, with fewer rounds (at
+least 2) where they would exceed `--budget` seconds per model, batch and
+framework. Peak memory of a JAX step is the compiled executable's own
+estimate (`jit(...).lower(...).compile().memory_analysis()`): arguments +
+outputs + temporaries - donated (aliased) bytes, i.e. everything the step
+holds at once. The CPU device has no `memory_stats()`, and PyTorch rows
+leave it empty.
+
+The output ends with markdown ready to paste (machine, load average, command,
+a targets table and every row).
 
 Commands:
   python -m experiments.bench                         # all models, batch 64 and 256
@@ -64,37 +56,38 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import statistics
+import platform
+import sys
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app
 from absl import flags
 
 import jaxshape
+from experiments import bench_models
+from experiments import bench_torch
+from experiments.bench_models import L2_NORM_CLIP
+from experiments.bench_models import LEARNING_RATE
+from experiments.bench_models import MODELS
+from experiments.bench_models import NOISE_MULTIPLIER
+from experiments.bench_models import PAPER_MODELS  # noqa: F401 (re-exported)
+from experiments.bench_models import USER_MODELS  # noqa: F401 (re-exported)
 from jaxshape import models
 from jaxshape import results
 
-PAPER_MODELS = ("lr", "mlp", "cnn_28x28x1", "cnn_32x32x3")
-USER_MODELS = ("deep_mlp", "strided_cnn", "resnet18", "transformer")
-MODELS = PAPER_MODELS + USER_MODELS
 JAX_METHODS = ("sgd", "sgd_fast", "dp_vmap", "dp_fast", "clip_fast", "noise_only")
 DEFAULT_METHODS = ("sgd", "dp_vmap", "dp_fast", "clip_fast", "noise_only")
-TORCH_METHODS = ("opacus_sgd", "opacus_hooks", "opacus_ghost")
 COLUMNS = ("model", "batch", "method", "ms_per_step", "peak_mem_mb")
-LEARNING_RATE = 0.1
-L2_NORM_CLIP = 1.0
-NOISE_MULTIPLIER = 1.0
-SLOW_REPEATS = {"resnet18": 3}  # at most this many timed rounds (seconds per step on 2 cores)
 VMAP_MAX_BYTES = 2 << 30  # dp_vmap is skipped when B x params x 4 bytes exceeds this
-VOCAB, TOKENS = 1000, 32
+# Seconds of timed rounds per model, batch and framework: bounds `make bench`
+# (ResNet-18 takes seconds per step on 2 cores) while fast models get `repeats`.
+BUDGET_S = 12.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,90 +102,10 @@ class BenchConfig:
   methods: tuple[str, ...] = DEFAULT_METHODS
   out: str | None = None
   seed: int = 0
+  budget_s: float = BUDGET_S
 
 
 QUICK = dict(repeats=3, warmup=1)
-
-
-# ------------------------------------------------------------------ a user's Flax models
-
-
-class DeepMLP(nn.Module):
-  """784-512-128-64-10 with tanh."""
-
-  @nn.compact
-  def __call__(self, x):
-    h = x.reshape(x.shape[0], -1)
-    for width in (512, 128, 64):
-      h = nn.tanh(nn.Dense(width)(h))
-    return nn.Dense(10)(h)
-
-
-class StridedCNN(nn.Module):
-  """5x5 stride-2 conv(32) + 3x3 conv(64) + 2x2 avg-pool + dense(128) + dense(10)."""
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.relu(nn.Conv(32, (5, 5), strides=2)(x))
-    h = nn.relu(nn.Conv(64, (3, 3))(h))
-    h = nn.avg_pool(h, (2, 2), (2, 2))
-    h = nn.relu(nn.Dense(128)(h.reshape(h.shape[0], -1)))
-    return nn.Dense(10)(h)
-
-
-class TokenTransformer(nn.Module):
-  """Embed + one pre-LayerNorm block (self-attention, MLP) + mean-pool + head."""
-
-  width: int = 64
-  heads: int = 4
-
-  @nn.compact
-  def __call__(self, ids):
-    h = nn.Embed(VOCAB, self.width)(ids)
-    h = h + nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(h))
-    h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(4 * self.width)(nn.LayerNorm()(h))))
-    return nn.Dense(10)(nn.LayerNorm()(h).mean(axis=1))
-
-
-def _spec(name: str) -> tuple[Any, tuple[int, ...]]:
-  """(Flax model, input shape of one example) for a bench model name."""
-  if name == "lr":
-    return models.LR(num_classes=2), (28, 28, 1)
-  if name == "mlp":
-    return models.MLP(num_classes=10, hidden=(256,)), (784,)
-  if name in ("cnn_28x28x1", "cnn_32x32x3"):
-    side, channels = (28, 1) if name == "cnn_28x28x1" else (32, 3)
-    return models.CNN(num_classes=10), (side, side, channels)
-  if name == "deep_mlp":
-    return DeepMLP(), (784,)
-  if name == "strided_cnn":
-    return StridedCNN(), (28, 28, 1)
-  if name == "resnet18":
-    return models.ResNet18(num_classes=10), (32, 32, 3)
-  if name == "transformer":
-    return TokenTransformer(), (TOKENS,)
-  raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-
-
-def _num_classes(name: str) -> int:
-  return 2 if name == "lr" else 10
-
-
-def _batch(name: str, batch_size: int, seed: int) -> dict[str, np.ndarray]:
-  _, shape = _spec(name)
-  rng = np.random.default_rng(seed)
-  if name == "transformer":
-    x = rng.integers(0, VOCAB, size=(batch_size, *shape)).astype(np.int32)
-  else:
-    x = rng.normal(size=(batch_size, *shape)).astype(np.float32)
-  y = rng.integers(0, _num_classes(name), size=batch_size).astype(np.int32)
-  return {"x": x, "y": y}
-
-
-def _init(name: str, seed: int):
-  model, shape = _spec(name)
-  dummy = _batch(name, 1, seed)["x"]
-  return model, model.init(jax.random.key(seed), dummy)["params"]
 
 
 # ------------------------------------------------------------------ JAX steps
@@ -200,7 +113,7 @@ def _init(name: str, seed: int):
 
 def _jax_steps(name: str, seed: int) -> tuple[dict[str, Callable], dict[str, Callable], Any]:
   """({method: step(params, opt_state, batch) -> (params, opt_state)}, {method: init}, params)."""
-  model, params = _init(name, seed)
+  model, params = bench_models.init(name, seed)
   loss_fn = models.ClassifierLoss(model)
   sgd = optax.sgd(LEARNING_RATE)
   dp = jaxshape.dp_sgd(LEARNING_RATE, L2_NORM_CLIP, NOISE_MULTIPLIER, key=jax.random.key(seed + 1))
@@ -260,30 +173,10 @@ def _peak_mb(compiled) -> float:
   return total / 2**20
 
 
-def _time_interleaved(runners: dict[str, Callable[[], None]], repeats: int, warmup: int):
-  """{name: median ms} of `runners` taken round-robin, `repeats` rounds after `warmup` calls.
-
-  In each round every runner is called once untimed and then once timed, so
-  a step never pays for the buffers another method just freed (after the
-  vmap path's hundreds of MB, the next step otherwise faults in fresh pages).
-  """
-  for run_once in runners.values():
-    for _ in range(warmup):
-      run_once()
-  times = {name: [] for name in runners}
-  for _ in range(repeats):
-    for name, run_once in runners.items():
-      run_once()
-      start = time.perf_counter()
-      run_once()
-      times[name].append((time.perf_counter() - start) * 1e3)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def bench_jax(name: str, batch_size: int, config: BenchConfig) -> list[dict]:
   """Rows for the JAX methods of one model at one batch size."""
   steps, inits, params = _jax_steps(name, config.seed)
-  batch = jax.tree.map(jnp.asarray, _batch(name, batch_size, config.seed))
+  batch = jax.tree.map(jnp.asarray, bench_models.make_batch(name, batch_size, config.seed))
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   methods = [
     m for m in config.methods if m != "dp_vmap" or 4 * batch_size * num_params <= VMAP_MAX_BYTES
@@ -300,207 +193,95 @@ def bench_jax(name: str, batch_size: int, config: BenchConfig) -> list[dict]:
       jax.block_until_ready(state[0])
 
     runners[method] = run_once
-  repeats = min(config.repeats, SLOW_REPEATS.get(name, config.repeats))
-  ms = _time_interleaved(runners, repeats, min(config.warmup, repeats))
+  ms = bench_models.time_interleaved(runners, config.repeats, config.warmup, config.budget_s)
   return [
     dict(model=name, batch=batch_size, method=m, ms_per_step=ms[m], peak_mem_mb=peaks[m])
     for m in methods
   ]
 
 
-# ------------------------------------------------------------------ PyTorch / Opacus
-
-
-def _torch_model(name: str):
-  """The bench model `name` in PyTorch (NCHW images, same layer shapes)."""
-  import torch  # torch only under --compare=opacus
-  import torch.nn as tnn
-
-  if name == "lr":
-    return tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 2))
-  if name == "mlp":
-    return tnn.Sequential(tnn.Flatten(), tnn.Linear(784, 256), tnn.ReLU(), tnn.Linear(256, 10))
-  if name == "deep_mlp":
-    layers, width = [tnn.Flatten()], 784
-    for out in (512, 128, 64):
-      layers += [tnn.Linear(width, out), tnn.Tanh()]
-      width = out
-    return tnn.Sequential(*layers, tnn.Linear(width, 10))
-  if name == "strided_cnn":
-    return tnn.Sequential(
-      tnn.Conv2d(1, 32, 5, stride=2, padding=2),
-      tnn.ReLU(),
-      tnn.Conv2d(32, 64, 3, padding=1),
-      tnn.ReLU(),
-      tnn.AvgPool2d(2),
-      tnn.Flatten(),
-      tnn.Linear(64 * 7 * 7, 128),
-      tnn.ReLU(),
-      tnn.Linear(128, 10),
-    )
-  if name == "resnet18":
-
-    class Block(tnn.Module):
-      def __init__(self, cin, cout, stride):
-        super().__init__()
-        g = min(32, cout)
-        self.body = tnn.Sequential(
-          tnn.Conv2d(cin, cout, 3, stride, 1, bias=False),
-          tnn.GroupNorm(g, cout),
-          tnn.ReLU(),
-          tnn.Conv2d(cout, cout, 3, 1, 1, bias=False),
-          tnn.GroupNorm(g, cout),
-        )
-        self.skip = tnn.Identity()
-        if stride != 1 or cin != cout:
-          self.skip = tnn.Sequential(
-            tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.GroupNorm(g, cout)
-          )
-
-      def forward(self, x):
-        return torch.relu(self.body(x) + self.skip(x))
-
-    layers, cin = [tnn.Conv2d(3, 64, 3, 1, 1, bias=False), tnn.GroupNorm(32, 64), tnn.ReLU()], 64
-    for stage in range(4):
-      for block in range(2):
-        cout = 64 * 2**stage
-        layers.append(Block(cin, cout, 2 if stage > 0 and block == 0 else 1))
-        cin = cout
-    return tnn.Sequential(*layers, tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(512, 10))
-  if name == "transformer":
-    from opacus.layers import DPMultiheadAttention
-
-    class Transformer(tnn.Module):
-      def __init__(self, width=64, heads=4):
-        super().__init__()
-        self.embed = tnn.Embedding(VOCAB, width)
-        self.norm0, self.norm1, self.norm2 = (tnn.LayerNorm(width) for _ in range(3))
-        self.attn = DPMultiheadAttention(width, heads, batch_first=True)
-        self.mlp = tnn.Sequential(
-          tnn.Linear(width, 4 * width), tnn.GELU(), tnn.Linear(4 * width, width)
-        )
-        self.head = tnn.Linear(width, 10)
-
-      def forward(self, ids):
-        h = self.embed(ids)
-        q = self.norm0(h)
-        h = h + self.attn(q, q, q, need_weights=False)[0]
-        h = h + self.mlp(self.norm1(h))
-        return self.head(self.norm2(h).mean(dim=1))
-
-    return Transformer()
-  side, channels = (28, 1) if name == "cnn_28x28x1" else (32, 3)
-  flat = 32 * ((side - 4) // 2) ** 2
-  return tnn.Sequential(
-    tnn.Conv2d(channels, 16, 3),
-    tnn.ReLU(),
-    tnn.Conv2d(16, 32, 3),
-    tnn.ReLU(),
-    tnn.MaxPool2d(2),
-    tnn.Flatten(),
-    tnn.Linear(flat, 64),
-    tnn.ReLU(),
-    tnn.Linear(64, 10),
-  )
-
-
-def bench_torch(name: str, batch_size: int, config: BenchConfig) -> list[dict]:
-  """Rows for PyTorch SGD, Opacus hooks and Opacus ghost clipping on one model."""
-  # Before torch loads its OpenMP runtime: spinning threads stall when cores are shared.
-  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  import torch
-  from opacus import PrivacyEngine
-
-  torch.manual_seed(config.seed)
-  data = _batch(name, batch_size, config.seed)
-  x = torch.from_numpy(data["x"])
-  if x.ndim == 4:  # NHWC -> NCHW
-    x = x.permute(0, 3, 1, 2).contiguous()
-  if name == "transformer":
-    x = x.long()
-  y = torch.from_numpy(data["y"]).long()
-  loader = torch.utils.data.DataLoader(
-    torch.utils.data.TensorDataset(x.repeat(4, *([1] * (x.ndim - 1))), y.repeat(4)),
-    batch_size=batch_size,
-  )
-  criterion = torch.nn.CrossEntropyLoss()
-  runners = {}
-
-  model = _torch_model(name)
-  opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-
-  def sgd_once():
-    opt.zero_grad(set_to_none=True)
-    criterion(model(x), y).backward()
-    opt.step()
-
-  runners["opacus_sgd"] = sgd_once
-  for mode in ("hooks", "ghost"):
-    model_m = _torch_model(name)
-    opt_m = torch.optim.SGD(model_m.parameters(), lr=LEARNING_RATE)
-    kwargs = dict(
-      module=model_m,
-      optimizer=opt_m,
-      data_loader=loader,
-      noise_multiplier=NOISE_MULTIPLIER,
-      max_grad_norm=L2_NORM_CLIP,
-      poisson_sampling=False,
-      grad_sample_mode=mode,
-    )
-    engine = PrivacyEngine()
-    try:
-      if mode == "ghost":
-        model_m, opt_m, crit_m, _ = engine.make_private(criterion=criterion, **kwargs)
-      else:
-        model_m, opt_m, _ = engine.make_private(**kwargs)
-        crit_m = criterion
-    except Exception as error:  # noqa: BLE001 (report and go on: Opacus may not support a layer)
-      print(f"opacus_{mode} on {name}: not timed ({type(error).__name__}: {error})")
-      continue
-
-    def dp_once(model_m=model_m, opt_m=opt_m, crit_m=crit_m):
-      opt_m.zero_grad(set_to_none=True)
-      crit_m(model_m(x), y).backward()
-      opt_m.step()
-
-    runners[f"opacus_{mode}"] = dp_once
-  repeats = min(config.repeats, SLOW_REPEATS.get(name, config.repeats))
-  ms = _time_interleaved(runners, repeats, min(config.warmup, repeats))
-  return [
-    dict(model=name, batch=batch_size, method=m, ms_per_step=ms[m], peak_mem_mb=None)
-    for m in TORCH_METHODS
-    if m in ms
-  ]
-
-
 # ------------------------------------------------------------------ driver
 
 
+def _ms(by, key, method):
+  row = by.get((*key, method))
+  return row["ms_per_step"] if row else None
+
+
+def _ratio(num, den, fmt="{:.2f}"):
+  return fmt.format(num / den) if num is not None and den else ""
+
+
 def summary(rows: Sequence[dict]) -> str:
-  """The table of rows, with DP/SGD ratios and jaxshape's speed-up over PyTorch/Opacus."""
+  """Every row as a markdown table, with ratios to its SGD step and to jaxshape's DP step."""
   by = {(r["model"], r["batch"], r["method"]): r for r in rows}
   lines = [
-    f"{'model':<12} {'batch':>5} {'method':<13} {'ms/step':>9} {'peak MB':>8} "
-    f"{'/sgd':>6} {'/sgd+noise':>10} {'dp_fast x':>9}"
+    "| model | batch | method | ms/step | peak MB | /sgd | /(sgd+noise) | / dp_fast |",
+    "|---|---:|---|---:|---:|---:|---:|---:|",
   ]
   for r in rows:
     key = (r["model"], r["batch"])
-    sgd, noise, fast = (by.get((*key, m)) for m in ("sgd", "noise_only", "dp_fast"))
-    floor = sgd["ms_per_step"] + noise["ms_per_step"] if sgd and noise else None
+    sgd, noise, fast = (_ms(by, key, m) for m in ("sgd", "noise_only", "dp_fast"))
+    floor = sgd + noise if sgd is not None and noise is not None else None
     ms = r["ms_per_step"]
-    cells = [
-      f"{r['model']:<12} {r['batch']:>5} {r['method']:<13} {ms:>9.2f}",
-      f"{r['peak_mem_mb']:>8.1f}" if r["peak_mem_mb"] is not None else f"{'':>8}",
-      f"{ms / sgd['ms_per_step']:>6.2f}" if sgd else f"{'':>6}",
-      f"{ms / floor:>10.2f}" if floor else f"{'':>10}",
-      f"{ms / fast['ms_per_step']:>9.2f}" if fast and r["method"] != "dp_fast" else f"{'':>9}",
-    ]
-    lines.append(" ".join(cells))
-  lines.append(
-    "/sgd, /sgd+noise: time relative to that SGD step (plus the noise draw) of the same model; "
-    "dp_fast x: how many times slower than jaxshape's fast DP step."
-  )
+    peak = f"{r['peak_mem_mb']:.1f}" if r["peak_mem_mb"] is not None else ""
+    vs_fast = _ratio(ms, fast) if r["method"] != "dp_fast" else ""
+    lines.append(
+      f"| {r['model']} | {r['batch']} | {r['method']} | {ms:.2f} | {peak} | "
+      f"{_ratio(ms, sgd)} | {_ratio(ms, floor)} | {vs_fast} |"
+    )
   return "\n".join(lines)
+
+
+def targets(rows: Sequence[dict]) -> str:
+  """One markdown row per model and batch: the issue's targets as measured ratios.
+
+  clip/sgd: clipping alone vs the SGD step; dp/(sgd+noise): the DP step vs
+  the SGD step plus the noise draw; peak dp/sgd: peak memory; ghost/dp:
+  Opacus ghost clipping's step time over jaxshape's DP step (> 1: jaxshape
+  faster).
+  """
+  by = {(r["model"], r["batch"], r["method"]): r for r in rows}
+  keys = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
+  lines = [
+    "| model | batch | sgd ms | dp_fast ms | clip/sgd | dp/(sgd+noise) | peak dp/sgd | "
+    "opacus_ghost ms | ghost/dp |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for key in keys:
+    sgd, fast, clip, noise, ghost = (
+      _ms(by, key, m) for m in ("sgd", "dp_fast", "clip_fast", "noise_only", "opacus_ghost")
+    )
+    floor = sgd + noise if sgd is not None and noise is not None else None
+    peaks = [by.get((*key, m), {}).get("peak_mem_mb") for m in ("dp_fast", "sgd")]
+    cells = [
+      key[0],
+      str(key[1]),
+      f"{sgd:.2f}" if sgd is not None else "",
+      f"{fast:.2f}" if fast is not None else "",
+      _ratio(clip, sgd),
+      _ratio(fast, floor),
+      _ratio(peaks[0], peaks[1]),
+      f"{ghost:.2f}" if ghost is not None else "",
+      _ratio(ghost, fast),
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def machine() -> str:
+  """CPU model, cores and library versions, one line."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return f"{cpu}, {os.cpu_count()} CPUs, jax {jax.__version__} ({jax.devices()[0].platform})"
+
+
+def _load() -> str:
+  return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def run(config: BenchConfig) -> list[dict]:
@@ -515,17 +296,20 @@ def run(config: BenchConfig) -> list[dict]:
     raise ValueError(f"compare must be '' or 'opacus', got {config.compare!r}")
   if not config.batch_sizes or min(config.batch_sizes) < 1:
     raise ValueError(f"batch_sizes must be >= 1, got {config.batch_sizes}")
-  if config.repeats < 1 or config.warmup < 0:
-    raise ValueError("repeats must be >= 1 and warmup >= 0")
-  rows = []
-  for name in config.models:
-    for batch_size in config.batch_sizes:
-      rows += bench_jax(name, batch_size, config)
-      if config.compare == "opacus":
-        rows += bench_torch(name, batch_size, config)
-      print(
-        summary([r for r in rows if r["model"] == name and r["batch"] == batch_size]), flush=True
-      )
+  if config.repeats < 1 or config.warmup < 0 or not config.budget_s > 0:
+    raise ValueError("repeats must be >= 1, warmup >= 0 and budget_s > 0")
+  rows, todo = [], [(m, b) for m in config.models for b in config.batch_sizes]
+  for index, (name, batch_size) in enumerate(todo):
+    start = time.perf_counter()
+    rows += bench_jax(name, batch_size, config)
+    if config.compare == "opacus":
+      rows += bench_torch.bench_torch(name, batch_size, config, config.budget_s)
+    print(
+      f"[{index + 1}/{len(todo)}] {name} batch {batch_size}: {time.perf_counter() - start:.0f} s, "
+      f"load {_load()}",
+      file=sys.stderr,
+      flush=True,
+    )
   if config.out:
     os.makedirs(config.out, exist_ok=True)
     results.write_csv(os.path.join(config.out, "bench.csv"), rows, COLUMNS)
@@ -537,6 +321,7 @@ flags.DEFINE_list("models", list(MODELS), f"Models to time, among {MODELS}.")
 flags.DEFINE_list("batches", ["64", "256"], "Batch sizes of the timed steps.")
 flags.DEFINE_integer("repeats", None, "Timed rounds per method (default 20; 3 with --quick).")
 flags.DEFINE_integer("warmup", None, "Untimed steps per method first (default 3; 1 with --quick).")
+flags.DEFINE_float("budget", BUDGET_S, "Seconds of timed rounds per model, batch and framework.")
 flags.DEFINE_enum("compare", "", ["", "opacus"], "Also time PyTorch SGD and Opacus.")
 flags.DEFINE_bool("quick", False, "Few repeats (a smoke run).")
 flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"JAX methods to time, among {JAX_METHODS}.")
@@ -554,12 +339,16 @@ def main(argv: Sequence[str]) -> None:
     compare=FLAGS.compare or None,
     methods=tuple(FLAGS.methods),
     out=FLAGS.out,
+    budget_s=FLAGS.budget,
   )
-  load = "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, {load}")
+  load_start, start = _load(), time.perf_counter()
   rows = run(config)
+  command = " ".join(["python -m experiments.bench", *sys.argv[1:]])
+  print(f"\n**Bench** `{command}` on {machine()}; load average {load_start} at the start, ")
+  print(f"{_load()} at the end; {time.perf_counter() - start:.0f} s wall.\n")
+  print(targets(rows))
+  print()
   print(summary(rows))
-  print("at the end: load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,18 @@ def _outer_sum(a_BD: jax.Array, d_BO: jax.Array) -> jax.Array:
   return jax.lax.optimization_barrier(jnp.einsum("bo,bd->od", d_BO, a_BD)).T
 
 
+def sums_from_rows(a_BTD, d_BTO, kernel_shape, bias_shape) -> dict[str, jax.Array]:
+  """A dense layer's kernel (and bias) gradient from inputs and output gradients of B rows."""
+  if a_BTD.shape[1] == 1:
+    kernel = _outer_sum(a_BTD[:, 0], d_BTO[:, 0])
+  else:
+    kernel = jnp.einsum("btd,bto->do", a_BTD, d_BTO)
+  out = {"kernel": kernel.reshape(kernel_shape)}
+  if bias_shape is not None:
+    out["bias"] = jnp.sum(d_BTO, axis=(0, 1)).reshape(bias_shape)
+  return out
+
+
 class Dense:
   """Rule for `nn.Dense` and `nn.DenseGeneral` (contracting trailing input axes)."""
 
@@ -81,19 +93,23 @@ class Dense:
       out["bias"] = _norms.safe_norms(jnp.sum(self.d, axis=1))
     return out
 
-  def weighted_sum(self, w_B: jax.Array, ok_B: jax.Array | None) -> dict[str, jax.Array]:
+  def scaled_rows(self, w_B: jax.Array, ok_B: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(inputs, deltas scaled by w_i), rows with `ok_B` False zeroed: `[B, T, D]`, `[B, T, O]`.
+
+    Their `sums_from_rows` is `weighted_sum`; the engine stacks the rows of
+    every chunk and forms the products once with all B rows.
+    """
     a, d = self.a, self.d
     if ok_B is not None:
       a, d = _norms.rows_where(ok_B, a), _norms.rows_where(ok_B, d)
-    d = d * w_B.astype(d.dtype)[:, None, None]
-    if self.positions == 1:
-      kernel = _outer_sum(a[:, 0], d[:, 0])
-    else:
-      kernel = jnp.einsum("btd,bto->do", a, d)
-    out = {"kernel": kernel.reshape(self.kernel_shape)}
-    if self.bias_shape is not None:
-      out["bias"] = jnp.sum(d, axis=(0, 1)).reshape(self.bias_shape)
-    return out
+    return a, d * w_B.astype(d.dtype)[:, None, None]
+
+  def sums_from_rows(self, a: jax.Array, d: jax.Array) -> dict[str, jax.Array]:
+    """Kernel (and bias) sums from `scaled_rows` (of any number of examples)."""
+    return sums_from_rows(a, d, self.kernel_shape, self.bias_shape)
+
+  def weighted_sum(self, w_B: jax.Array, ok_B: jax.Array | None) -> dict[str, jax.Array]:
+    return self.sums_from_rows(*self.scaled_rows(w_B, ok_B))
 
   def dots(self, reference: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out = {}

@@ -105,6 +105,25 @@ class Parts:
     fallback = self.fallback.weighted_sum(w_B, ok_B)
     return self._leaves(lambda rule: rule.weighted_sum(w_B, ok_B), fallback)
 
+  def deferred_sum(self, w_B, ok_B) -> tuple[dict[Path, jax.Array], dict[Path, tuple], dict]:
+    """`weighted_sum` with the dense layers' products left for later.
+
+    Returns ({leaf path: sum} of the other parts, {layer path: (inputs, scaled
+    deltas)} of the dense layers, {layer path: (kernel shape, bias shape)}):
+    inside the engine's chunk loop the dense rows of all chunks are stacked
+    and each dense product is formed once with all B rows (`finish_dense`),
+    which for the CNN's 4608 x 64 layer measured faster than per-chunk
+    products accumulated in the loop.
+    """
+    dense = {p: r for p, r in self.rules.items() if isinstance(r, _dense.Dense)}
+    rows = {p: r.scaled_rows(w_B, ok_B) for p, r in dense.items()}
+    shapes = {p: (r.kernel_shape, r.bias_shape) for p, r in dense.items()}
+    others = {p: r for p, r in self.rules.items() if p not in dense}
+    out = self.fallback.weighted_sum(w_B, ok_B)
+    for path, rule in others.items():
+      out.update({path + (leaf,): v for leaf, v in rule.weighted_sum(w_B, ok_B).items()})
+    return out, rows, shapes
+
   def dots(self, reference: Params) -> jax.Array:
     """<g_i, reference> over the selected leaves, `[B]`."""
     flat = traverse_util.flatten_dict(reference)
@@ -168,42 +187,63 @@ def scan_chunks(body, carry, arrays_B, chunk: int):
   return carry, jax.tree.map(lambda o: o.reshape((num * chunk,) + o.shape[2:])[:size], out_N)
 
 
-def _add(total, flat, params):
-  return jax.tree.map(jnp.add, total, _unflatten(flat, params))
+def _summed(loss, params, batch, scale_B, keepw_B, coefficients, chunk):
+  """Weighted sum over all examples of the per-example gradients, chunk by chunk.
+
+  `coefficients(parts, keepw_b) -> (w_b, ok_b or None, outputs_b)` gives each
+  example's weight in the sum; returns (params-shaped sum, stacked outputs).
+  Dense layers' products are formed after the loop from the stacked rows
+  (`Parts.deferred_sum`); the loop's carry holds only the other leaves.
+  """
+  first = jax.tree.map(lambda v: v[:chunk], batch)
+  dense = {l.path for l in _capture.plan(loss, params, first).layers if l.kind == "dense"}
+  flat_params = traverse_util.flatten_dict(params)
+  shapes = {}
+
+  def body(total, arrays_b):
+    batch_b, scale_b, keepw_b = arrays_b
+    parts = Parts(loss, params, batch_b, scale_b)
+    w_b, ok_b, outputs_b = coefficients(parts, keepw_b)
+    sums, rows, dense_shapes = parts.deferred_sum(w_b, ok_b)
+    shapes.update(dense_shapes)
+    return {p: total[p] + sums[p] for p in total}, (outputs_b, rows)
+
+  zeros = {p: jnp.zeros_like(v) for p, v in flat_params.items() if p[:-1] not in dense}
+  total, (outputs_B, rows_B) = scan_chunks(body, zeros, (batch, scale_B, keepw_B), chunk)
+  flat = dict(total)
+  for path, (a_B, d_B) in rows_B.items():
+    sums = _dense.sums_from_rows(a_B, d_B, *shapes[path])
+    flat.update({path + (leaf,): v for leaf, v in sums.items()})
+  return _unflatten(flat, params), outputs_B
 
 
 def clipped_sum(loss, params, batch, l2_norm_clip) -> grads_lib.ClippedSum:
   """`ClippedSum` of the fast engine (see `jaxshape.per_example.clipped_sum_and_norms`)."""
   scale_B, keepw_B = _loss.per_example_weights(batch)
   clip = jnp.asarray(l2_norm_clip, jnp.float32)
-  chunk = chunk_size_for(loss, params, batch)
 
-  def body(total, arrays_b):
-    batch_b, scale_b, keepw_b = arrays_b
-    parts = Parts(loss, params, batch_b, scale_b)
+  def coefficients(parts, keepw_b):
     norms_b = parts.norms()
     ok_b = jnp.isfinite(norms_b) & (keepw_b != 0)
     keep_b = jnp.where(ok_b, keepw_b, 0.0)
     coef_b = jnp.where(ok_b, keepw_b * grads_lib.clip_factors(norms_b, clip), 0.0)
-    return _add(total, parts.weighted_sum(coef_b, ok_b), params), (norms_b, keep_b)
+    return coef_b, ok_b, (norms_b, keep_b)
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  total, (norms_B, keep_B) = scan_chunks(body, zeros, (batch, scale_B, keepw_B), chunk)
+  chunk = chunk_size_for(loss, params, batch)
+  total, (norms_B, keep_B) = _summed(loss, params, batch, scale_B, keepw_B, coefficients, chunk)
   return grads_lib.ClippedSum(total, norms_B.astype(jnp.float32), keep_B, clip)
 
 
 def mean_grad(loss, params, batch) -> Params:
   """`jax.grad(loss)(params, batch)` through the engine's passes."""
   weight_B = _loss.mean_weights(batch)
+
+  def coefficients(parts, keepw_b):
+    del parts
+    return jnp.ones_like(keepw_b), None, ()
+
   chunk = chunk_size_for(loss, params, batch)
-
-  def body(total, arrays_b):
-    batch_b, weight_b = arrays_b
-    parts = Parts(loss, params, batch_b, weight_b)
-    return _add(total, parts.weighted_sum(jnp.ones_like(weight_b), None), params), ()
-
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  total, _ = scan_chunks(body, zeros, (batch, weight_B), chunk)
+  total, _ = _summed(loss, params, batch, weight_B, weight_B, coefficients, chunk)
   return total
 
 

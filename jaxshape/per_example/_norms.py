@@ -44,50 +44,51 @@ def normalised(x_B: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x_B / m_B.reshape((-1,) + (1,) * (x_B.ndim - 1)), m_B
 
 
-def _scaled_norms(x_BK: jax.Array) -> jax.Array:
-  x_BK, m_B = normalised(x_BK)
-  return m_B * jnp.sqrt(jnp.sum(jnp.square(x_BK), axis=1))
+def _float(x: jax.Array) -> jax.Array:
+  """`x` in at least float32 (squares of bf16/f16 entries overflow far sooner)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def safe_norms(x_B: jax.Array) -> jax.Array:
   """l2 norm of each example's entries, `[B]`, exact for any finite entries.
 
-  The plain sum of squares is taken first; only if it overflows for some
-  example (`lax.cond`, so the common case pays nothing: the scaled form cost
-  3.5x the whole LR clipping step when always on, measured) is the norm
-  recomputed from entries divided by each example's largest magnitude.
+  Three sums of squares in one pass over the data: of x, of x 2^-e and of
+  x 2^e with e half the exponent range (64 for float32). The first is the
+  norm unless it overflows (then the second is finite whenever the norm is
+  representable) or underflows (then the third keeps its digits). No
+  `lax.cond`: a conditional per leaf inside the engine's chunk loop cost 14 ms
+  of a 54 ms CNN step on the CPU (measured); the extra sums fuse with the
+  first.
   """
-  x_BK = x_B.reshape(x_B.shape[0], -1)
+  x_BK = _float(x_B.reshape(x_B.shape[0], -1))
+  e = jnp.finfo(x_BK.dtype).maxexp // 2
+  down, up = jnp.asarray(2.0**-e, x_BK.dtype), jnp.asarray(2.0**e, x_BK.dtype)
   sq_B = jnp.sum(jnp.square(x_BK), axis=1)
-  return jax.lax.cond(jnp.any(jnp.isinf(sq_B)), _scaled_norms, lambda _: jnp.sqrt(sq_B), x_BK)
+  sq_down_B = jnp.sum(jnp.square(x_BK * down), axis=1)
+  sq_up_B = jnp.sum(jnp.square(x_BK * up), axis=1)
+  return jnp.where(
+    jnp.isinf(sq_B),
+    jnp.sqrt(sq_down_B) * up,
+    jnp.where(sq_B < down, jnp.sqrt(sq_up_B) * down, jnp.sqrt(sq_B)),
+  )
 
 
 def gram_norms(x_BTK: jax.Array, y_BTL: jax.Array, same_BTT: jax.Array | None = None):
   """sqrt(sum_{t,s} (x_t·x_s)(y_t·y_s) [same_ts]) per example, `[B]`, without overflow.
 
   With `same_BTT` (embeddings) the x factor is that boolean mask instead.
-  Computed plainly, and again from inputs divided by each example's largest
-  magnitude only if that overflows for some example (`lax.cond`).
+  Computed from inputs divided by each example's largest magnitude (one pass
+  over x and y, cheap next to the T² Gram products) and multiplied back.
   """
-
-  def norms(x, y):
-    gy_BTT = jnp.einsum("btl,bsl->bts", y, y)
-    if same_BTT is None:
-      sq_B = jnp.einsum("bts,bts->b", jnp.einsum("btk,bsk->bts", x, x), gy_BTT)
-    else:
-      sq_B = jnp.sum(jnp.where(same_BTT, gy_BTT, 0.0), axis=(1, 2))
-    return sq_B
-
-  def scaled(operands):
-    x, y = operands
-    x, mx_B = normalised(x)
-    y, my_B = normalised(y)
-    mx_B = mx_B if same_BTT is None else jnp.ones_like(mx_B)
-    return mx_B * my_B * jnp.sqrt(jnp.maximum(norms(x, y), 0.0))
-
-  sq_B = norms(x_BTK, y_BTL)
-  plain = lambda _: jnp.sqrt(jnp.maximum(sq_B, 0.0))  # noqa: E731
-  return jax.lax.cond(jnp.any(jnp.isinf(sq_B)), scaled, plain, (x_BTK, y_BTL))
+  x, mx_B = normalised(_float(x_BTK))
+  y, my_B = normalised(_float(y_BTL))
+  gy_BTT = jnp.einsum("btl,bsl->bts", y, y)
+  if same_BTT is None:
+    sq_B = jnp.einsum("bts,bts->b", jnp.einsum("btk,bsk->bts", x, x), gy_BTT)
+  else:
+    mx_B = jnp.ones_like(mx_B)
+    sq_B = jnp.sum(jnp.where(same_BTT, gy_BTT, 0.0), axis=(1, 2))
+  return mx_B * my_B * jnp.sqrt(jnp.maximum(sq_B, 0.0))
 
 
 def combine(norms: list[jax.Array]) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Smoke test of experiments/indiscriminate.py (§6.2) on a small slice of FashionMNIST-3/4."""
+"""Smoke test of experiments/indiscriminate (§6.2) on a small slice of FashionMNIST-3/4: run(),
+results.csv, the printed table (report), crafting (Steinhardt vs label flip) and resuming."""
 
 import dataclasses
 import math
