@@ -87,7 +87,7 @@ COLUMNS = ("model", "batch", "method", "ms_per_step", "peak_mem_mb")
 VMAP_MAX_BYTES = 2 << 30  # dp_vmap is skipped when B x params x 4 bytes exceeds this
 # Seconds of timed rounds per model, batch and framework: bounds `make bench`
 # (ResNet-18 takes seconds per step on 2 cores) while fast models get `repeats`.
-BUDGET_S = 12.0
+BUDGET_S = 8.0
 
 
 @dataclasses.dataclass(frozen=True)

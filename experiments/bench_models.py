@@ -132,8 +132,10 @@ def time_interleaved(
   a step never pays for the buffers another method just freed (after the
   vmap path's hundreds of MB, the next step otherwise faults in fresh pages).
   Rounds: `repeats`, or fewer (at least 2) when they would take more than
-  `budget_s` seconds at the speed of the last warm-up calls (ResNet-18 takes
-  seconds per step on 2 cores).
+  `budget_s` seconds at the speed of the last warm-up calls (a step slower
+  than `budget_s / 8` is warmed up once). Steps slower
+  than `budget_s / 4` for all runners together (ResNet-18: seconds per step
+  on 2 cores, where page faults are noise) skip the untimed call.
   """
   last = {}
   for name, run_once in runners.items():
@@ -141,13 +143,17 @@ def time_interleaved(
       start = time.perf_counter()
       run_once()
       last[name] = time.perf_counter() - start
-  per_round = 2 * sum(last.values())
-  affordable = budget_s / max(per_round, 1e-9)
+      if last[name] > budget_s / 8:  # one warm-up call is enough for a slow step
+        break
+  one_each = sum(last.values())
+  untimed = one_each <= budget_s / 4
+  affordable = budget_s / max((2 if untimed else 1) * one_each, 1e-9)
   rounds = repeats if affordable >= repeats else max(min(repeats, 2), int(affordable))
   times = {name: [] for name in runners}
   for _ in range(rounds):
     for name, run_once in runners.items():
-      run_once()
+      if untimed:
+        run_once()
       start = time.perf_counter()
       run_once()
       times[name].append((time.perf_counter() - start) * 1e3)

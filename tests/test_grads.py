@@ -1,5 +1,7 @@
 """Tests jaxshape/grads.py: per-example gradients and norms against a Python loop."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,12 +35,18 @@ def _loop_grads(loss_fn, params, batch):
   return jax.tree.map(lambda *g: jnp.stack(g), *singles)
 
 
+@functools.cache
+def _problem_and_loop_grads(name):
+  """(loss, params, batch, loop reference): computed once for the jit and eager cases."""
+  loss_fn, params, batch = _problem(name)
+  return loss_fn, params, batch, _loop_grads(loss_fn, params, batch)
+
+
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_per_example_grads_match_loop(name, jit):
-  loss_fn, params, batch = _problem(name)
+  loss_fn, params, batch, want = _problem_and_loop_grads(name)
   got = run(lambda p, b: grads.per_example_grads(loss_fn, p, b), params, batch, jit=jit)
-  want = _loop_grads(loss_fn, params, batch)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
   norms = run(grads.per_example_norms, got, jit=jit)
   want_norms = [

@@ -8,7 +8,7 @@ Steinhardt et al.'s min-max attack. Defenses: vanilla; clipping only
 (`--noise_multipliers`); and, with `--adaptive`, clipping at `--noise_clip`
 plus the §7.2 adaptive noise (`--adaptive_multipliers`).
 
-Every (ratio, defense, seed) of an attack runs in one vmapped program per
+Every (attack, ratio, defense, seed) runs in one vmapped program per
 defense kind: poisoned sets are padded to the largest ratio and masked, so
 one compilation serves all ratios, and every job names its training set by
 row index into one shared pool (clean points, then each variant's poisons),

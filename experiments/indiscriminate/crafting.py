@@ -41,8 +41,8 @@ def craft(config: Config, attack: str, x, y, num_classes: int):
   if attack == "label_flip":
     for seed in range(config.seeds):
       ps = poisons.label_flip(jax.random.key(seed), x, y, p_max / n, num_classes=num_classes)
-      xs.append(np.asarray(ps.x))
-      ys.append(np.asarray(ps.y))
+      xs.append(_pad(np.asarray(ps.x), p_max))
+      ys.append(_pad(np.asarray(ps.y), p_max))
       for r in config.poison_ratios:
         index[r, seed] = (seed, counts[r])
   elif attack == "steinhardt":

@@ -31,17 +31,21 @@ def run(config: Config) -> dict:
   with common.Timer() as timer:
     for attack in config.attacks:
       with common.Timer() as craft_timer:
-        px_V, py_V, index = crafting.craft(config, attack, x, y, ds.num_classes)
-      crafted[attack] = (px_V, py_V, index)
+        crafted[attack] = crafting.craft(config, attack, x, y, ds.num_classes)
+      px_V = crafted[attack][0]
       print(
         f"{attack}: crafted {px_V.shape[0]} poison variant(s) of up to {px_V.shape[1]} "
         f"poisons in {craft_timer.seconds:.1f} s"
       )
-      jobs = []
+    # Every attack's variants in one pool (all have the largest ratio's count of rows), so
+    # one compiled program per defense kind serves every attack.
+    jobs, offset = [], 0
+    for attack in config.attacks:
+      px_V, _, index = crafted[attack]
       for (ratio, seed), (variant, count) in sorted(index.items()):
         for defense, clip, sigma in grid:
           values = {
-            "variant": variant,
+            "variant": offset + variant,
             "n_poisons": count,
             "learning_rate": config.learning_rate,
             "l2_norm_clip": clip,
@@ -56,37 +60,39 @@ def run(config: Config) -> dict:
             "seed": seed,
           }
           jobs.append(sweep.Job(defense, values, seed, key))
-      build = training.build_program(config, ds.num_classes, x.shape[0], px_V.shape[1])
-      shared = {
-        "pool_x": np.concatenate([x, px_V.reshape(-1, *x.shape[1:])]),
-        "pool_y": np.concatenate([y, py_V.reshape(-1)]),
-        "x_test": np.asarray(ds.x_test),
-        "y_test": np.asarray(ds.y_test),
-      }
+      offset += px_V.shape[0]
+    px_V = np.concatenate([crafted[a][0] for a in config.attacks])
+    py_V = np.concatenate([crafted[a][1] for a in config.attacks])
+    build = training.build_program(config, ds.num_classes, x.shape[0], px_V.shape[1])
+    shared = {
+      "pool_x": np.concatenate([x, px_V.reshape(-1, *x.shape[1:])]),
+      "pool_y": np.concatenate([y, py_V.reshape(-1)]),
+      "x_test": np.asarray(ds.x_test),
+      "y_test": np.asarray(ds.y_test),
+    }
 
-      def to_rows(job, records, n=x.shape[0]):
-        count = int(job.values["n_poisons"])
-        return [
-          {
-            **job.key,
-            "n_poisons": count,
-            "epoch": e + 1,
-            **{k: float(records[k][e]) for k in EPOCH_COLUMNS[8:]},
-          }
-          for e in range(config.epochs)
-        ]
+    def to_rows(job, records):
+      return [
+        {
+          **job.key,
+          "n_poisons": int(job.values["n_poisons"]),
+          "epoch": e + 1,
+          **{k: float(records[k][e]) for k in EPOCH_COLUMNS[8:]},
+        }
+        for e in range(config.epochs)
+      ]
 
-      epoch_rows = sweep.run(
-        build,
-        jobs,
-        epochs_csv,
-        to_rows=to_rows,
-        columns=EPOCH_COLUMNS,
-        max_batch=config.max_batch,
-        progress=config.progress,
-        desc=f"indiscriminate {attack}",
-        shared=shared,
-      )
+    epoch_rows = sweep.run(
+      build,
+      jobs,
+      epochs_csv,
+      to_rows=to_rows,
+      columns=EPOCH_COLUMNS,
+      max_batch=config.max_batch,
+      progress=config.progress,
+      desc="indiscriminate",
+      shared=shared,
+    )
   rows = report_lib.summarize(epoch_rows, config, x.shape[0])
   rows = [r for r in rows if r["attack"] in config.attacks]
   results.write_csv(os.path.join(out, "results.csv"), rows, RESULT_COLUMNS)

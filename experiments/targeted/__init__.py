@@ -4,9 +4,10 @@ For each setup (dataset x model) and seed: pre-train on the clean set, choose
 `targets` test points of `target_class` that the model gets right, craft
 poisons toward `base_class` against it, and re-train it with them. Success
 (§6.1): the target is the attacker's class after *any* re-training epoch while
-RAD < 0.05. Every table has a ceiling row (the target itself as the poison),
-Poison Frogs, Poison Frogs with a 0.3 watermark, and the no-poison control
-(the same re-training without the poison), with 95% Wilson intervals.
+RAD < 0.05. Tables show the ceiling (the target itself as the poison; one-shot),
+Poison Frogs (paper preset), Poison Frogs with a 0.3 watermark (quick presets)
+and the no-poison control (the same re-training without the poison), with 95%
+Wilson intervals.
 
   config       Config, PRESETS, flag help and range checks.
   setups       setups and data, pre-training, targets, class-pair margins.

@@ -17,6 +17,7 @@ attempts or the multi-poison cap), F penultimate features, D input features.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -75,9 +76,10 @@ def craft(
     "setup": ctx.setup.name,
     "q": q,
     "seed": seed,
-    "mode": config.mode,
     "targets": target_idx_T.tolist(),
   }
+  if attack == "witches_brew":  # one-shot brews each poison alone, multi-poison all together
+    key["mode"] = config.mode
 
   def make():
     if attack in ("poison_frogs", "watermark"):
@@ -126,18 +128,19 @@ def frogs(
     x_base_TK = np.clip((1 - opacity) * x_base_TK + opacity * x_target_T[:, None], 0.0, 1.0)
   beta = config.beta0 * (f_pool_NF.shape[-1] / float(np.prod(ctx.x.shape[1:]))) ** 2
 
-  @jax.jit
-  def collide_T(x_t, x_b):
-    run = lambda xt, xb: poisons.collide(
-      ctx.model, params, xt, xb, config.craft_lr, beta, config.craft_iters
-    )
-    return jax.vmap(run)(x_t, x_b)
-
   t = target_idx_T.size
   x_TK, dist_TK = np.zeros_like(x_base_TK), np.zeros((t, k), np.float32)
   chunk = max(1, 2000 // k)  # bound the memory of one vmapped loop
   for i in range(0, t, chunk):
-    col = collide_T(jnp.asarray(x_target_T[i : i + chunk]), jnp.asarray(x_base_TK[i : i + chunk]))
+    col = _collide_T(
+      ctx.model,
+      params,
+      jnp.asarray(x_target_T[i : i + chunk]),
+      jnp.asarray(x_base_TK[i : i + chunk]),
+      config.craft_lr,
+      beta,
+      config.craft_iters,
+    )
     x_TK[i : i + chunk] = np.asarray(col.x_K)
     dist_TK[i : i + chunk] = np.asarray(col.distance_K)
   x_TQ = np.zeros((t, q, *ctx.x.shape[1:]), np.float32)
@@ -152,10 +155,25 @@ def frogs(
   return Crafted(target_idx_T, x_TQ, np.full((t, q), -1, np.int32), score_TQ, count_T)
 
 
+# Module-level jitted functions (the model static, parameters and numbers traced): one
+# compilation serves every pre-trained model, attack and target chunk of a shape.
+@functools.partial(jax.jit, static_argnames=("model",))
+def _collide_T(model, params, x_target_T, x_base_TK, learning_rate, beta, max_iters):
+  run = lambda xt, xb: poisons.collide(model, params, xt, xb, learning_rate, beta, max_iters)
+  return jax.vmap(run)(x_target_T, x_base_TK)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _features(model, params, x_ND):
+  return models.features(model, params, x_ND)
+
+
 def features(ctx: setups.Context, params, x_N: np.ndarray, chunk: int = 2000) -> np.ndarray:
-  fn = jax.jit(lambda p, x: models.features(ctx.model, p, x))
   return np.concatenate(
-    [np.asarray(fn(params, jnp.asarray(x_N[i : i + chunk]))) for i in range(0, len(x_N), chunk)]
+    [
+      np.asarray(_features(ctx.model, params, jnp.asarray(x_N[i : i + chunk])))
+      for i in range(0, len(x_N), chunk)
+    ]
   )
 
 

@@ -8,7 +8,7 @@ Outputs in `config.out`, one folder per setup `<dataset>_<model>/`:
   targeted.png   success per defense and attack with intervals and the control.
   setup.json     what ran, usable poisons, timings.
 `<out>/summary.csv` stacks the setups' summaries; `<out>/cache/` holds pre-trained
-parameters and poisons, reused by reruns with the same settings.
+parameters and poisons (or `--cache_dir`), reused by runs with the same settings.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def run(config) -> dict:
   """Runs every setup of `config`; returns {setup name: its rows and summary} and timings."""
   config = config_lib.validate(config)
   out = common.prepare_out(config)
-  cache = common.ParamsCache(os.path.join(out, "cache"))
+  cache = common.ParamsCache(config.cache_dir or os.path.join(out, "cache"))
   with common.Timer() as timer:
     setup_list, datasets = setups.resolve_setups(config)
     by_setup = {

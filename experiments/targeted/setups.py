@@ -187,10 +187,18 @@ def accuracy(ctx: Context, params) -> float:
   return float(train.accuracy(ctx.model, params, jnp.asarray(ctx.x_eval), jnp.asarray(ctx.y_eval)))
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _logits(model, params, x_ND):
+  return model.apply({"params": params}, x_ND)
+
+
 def logits(ctx: Context, params, x_N: np.ndarray, chunk: int = 2000) -> np.ndarray:
-  fn = jax.jit(lambda p, x: ctx.model.apply({"params": p}, x))
+  """The model's logits on `x_N`, in chunks; one compilation per (model, chunk shape)."""
   return np.concatenate(
-    [np.asarray(fn(params, jnp.asarray(x_N[i : i + chunk]))) for i in range(0, len(x_N), chunk)]
+    [
+      np.asarray(_logits(ctx.model, params, jnp.asarray(x_N[i : i + chunk])))
+      for i in range(0, len(x_N), chunk)
+    ]
   )
 
 

@@ -13,6 +13,7 @@ as `.npz`:
 - `poison_frogs` (frogs.py): Shafahi et al.'s clean-label feature collision
   (§6.3, §6.4).
 - `witches_brew` (gradient_matching.py): Geiping et al.'s gradient matching.
+- `narcissus` (narcissus.py): Zeng et al.'s clean-label Narcissus backdoor.
 
 References:
   Hong et al. 2020, "On the Effectiveness of Mitigating Data Poisoning Attacks
@@ -36,6 +37,10 @@ from jaxshape.poisons.gradient_matching import augment_images
 from jaxshape.poisons.gradient_matching import brew
 from jaxshape.poisons.gradient_matching import target_gradient
 from jaxshape.poisons.gradient_matching import witches_brew
+from jaxshape.poisons.narcissus import apply_narcissus
+from jaxshape.poisons.narcissus import narcissus
+from jaxshape.poisons.narcissus import optimise_trigger
+from jaxshape.poisons.narcissus import surrogate_set
 from jaxshape.poisons.patch import patch_backdoor
 from jaxshape.poisons.patch import patch_trigger
 from jaxshape.poisons.poison_set import PoisonSet
@@ -61,6 +66,7 @@ __all__ = [
   "Trigger",
   "alignment_loss",
   "apply_blend",
+  "apply_narcissus",
   "apply_trigger",
   "augment_images",
   "backdoor_test_set",
@@ -74,12 +80,15 @@ __all__ = [
   "label_flip",
   "load",
   "merge",
+  "narcissus",
   "nearest_candidates",
+  "optimise_trigger",
   "patch_backdoor",
   "patch_trigger",
   "poison_frogs",
   "save",
   "steinhardt",
+  "surrogate_set",
   "target_gradient",
   "watermark",
   "witches_brew",

@@ -42,7 +42,16 @@ def test_presets_and_scenario_defaults():
   quick = config_lib.preset("quick", "multipoison")
   assert quick.mode == "multipoison" and quick.targets >= 40
   assert (quick.target_class, quick.base_class) == (0, 6)
-  assert quick.attacks == ("ceiling", "poison_frogs", "watermark")
+  assert quick.attacks == ("watermark",)  # multi-poison: the attack that works, no ceiling
+  assert config_lib.preset("quick", "oneshot").attacks == ("ceiling", "watermark")
+  assert config_lib.preset("paper").attacks == ("ceiling", "poison_frogs")
+  # Vanilla + 3 defenses in both quick modes, so poisons needed is measured per defense.
+  assert config_lib.defenses(quick) == [
+    common.VANILLA,
+    common.Defense("dp", 1.0, 0.0),
+    common.Defense("dp", 4.0, 0.0),
+    common.Defense("dp", 4.0, 0.1),
+  ]
   assert config_lib.validate(config_lib.preset("paper")).out == "runs/targeted/oneshot_standard"
   t3 = config_lib.scenario_defaults(dataclasses.replace(quick, scenario="vanilla_then_dp"))
   assert config_lib.defenses(t3) == [common.VANILLA, common.Defense("dp", 4.0, 0.01)]

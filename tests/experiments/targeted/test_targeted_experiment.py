@@ -21,7 +21,12 @@ def smoke(tmp_path_factory):
   except FileNotFoundError as e:
     pytest.skip(f"FashionMNIST is not installed (make data): {e}")
   out = tmp_path_factory.mktemp("targeted")
-  return dataclasses.replace(targeted.PRESETS["smoke"], out=str(out), progress=False)
+  # Both modes share one cache: the second pre-trains and crafts nothing (the same models
+  # and poisons; q = attempts = max(poison_counts) = 2).
+  cache_dir = os.path.join(out, "cache")
+  return dataclasses.replace(
+    targeted.PRESETS["smoke"], out=str(out), cache_dir=cache_dir, progress=False
+  )
 
 
 @pytest.mark.parametrize("mode", ["oneshot", "multipoison"])
@@ -63,6 +68,7 @@ def test_smoke_schema_rows_summary_and_rerun(smoke, mode):
   assert first["setups"]["fashion_mnist_mlp"]["new_rows"] == len(attempts)
   for name in ("targeted.png", "setup.json"):
     assert os.path.getsize(f"{folder}/{name}") > 100
+  assert not os.path.exists(f"{config.out}/cache") and os.listdir(config.cache_dir)
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
