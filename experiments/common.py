@@ -32,6 +32,7 @@ from absl import flags
 from jaxshape import _validate
 from jaxshape import data
 from jaxshape import results
+from jaxshape import shaping
 
 PRESET_NAMES = ("smoke", "quick", "paper")
 COMMON_FIELDS = ("out", "data_dir", "seeds", "progress")
@@ -39,18 +40,27 @@ COMMON_FIELDS = ("out", "data_dir", "seeds", "progress")
 # --- Defenses ---------------------------------------------------------------------------------
 
 
+SHAPING_KINDS = tuple(shaping.DEFENSES)  # the mechanisms beyond DP-SGD (`jaxshape.shaping`)
+
+
 class Defense(NamedTuple):
-  """One gradient-shaping configuration (§5.1, §7.2): kind ("vanilla", "dp", "adaptive"),
-  clipping norm C (inf for vanilla) and noise multiplier sigma."""
+  """One gradient-shaping configuration (§5.1, §7.2, §7): kind ("vanilla", "dp", "adaptive",
+  or a mechanism beyond DP-SGD, `SHAPING_KINDS` = `jaxshape.shaping.DEFENSES`), clipping norm
+  C (inf for vanilla), noise multiplier sigma and the mechanism's own parameter (its
+  `train.HParams.shaping_param`; 0 for the others)."""
 
   kind: str
   clip_norm: float
   noise_multiplier: float
+  shaping_param: float = 0.0
 
   @property
   def label(self) -> str:
     if self.kind == "vanilla":
       return "vanilla"
+    if self.kind in SHAPING_KINDS:
+      noise = f" s={self.noise_multiplier:g}" if self.noise_multiplier else ""
+      return f"{self.kind} C={self.clip_norm:g} p={self.shaping_param:g}{noise}"
     if self.kind == "adaptive":
       return f"adaptive C={self.clip_norm:g} s={self.noise_multiplier:g}"
     if self.noise_multiplier == 0:
@@ -62,26 +72,35 @@ class Defense(NamedTuple):
     """A file-name-safe name: `vanilla`, `dp_C4_s0.01`, `adaptive_C4_s0.1`."""
     if self.kind == "vanilla":
       return "vanilla"
-    return f"{self.kind}_C{self.clip_norm:g}_s{self.noise_multiplier:g}"
+    slug = f"{self.kind}_C{self.clip_norm:g}_s{self.noise_multiplier:g}"
+    return slug + (f"_p{self.shaping_param:g}" if self.kind in SHAPING_KINDS else "")
 
   def fields(self) -> dict:
-    """The CSV columns that name the defense."""
-    return {
+    """The CSV columns that name the defense (`shaping_param` only for a shaping kind, so
+    earlier experiments' CSVs keep their columns)."""
+    out = {
       "defense": self.kind,
       "clip_norm": self.clip_norm,
       "noise_multiplier": self.noise_multiplier,
     }
+    if self.kind in SHAPING_KINDS:
+      out["shaping_param"] = self.shaping_param
+    return out
 
   @classmethod
   def from_row(cls, row: Mapping[str, Any]) -> Defense:
-    return cls(str(row["defense"]), float(row["clip_norm"]), float(row["noise_multiplier"]))
+    param = row.get("shaping_param")
+    param = 0.0 if param in (None, "") else float(param)
+    return cls(str(row["defense"]), float(row["clip_norm"]), float(row["noise_multiplier"]), param)
 
   def matches(self, row: Mapping[str, Any]) -> bool:
     """Whether a CSV row (parsed or text) names this defense."""
+    param = row.get("shaping_param")
     return (
       row["defense"] == self.kind
       and results.canonical(row["clip_norm"]) == results.canonical(self.clip_norm)
       and results.canonical(row["noise_multiplier"]) == results.canonical(self.noise_multiplier)
+      and (param in (None, "") or results.canonical(param) == results.canonical(self.shaping_param))
     )
 
 

@@ -45,6 +45,7 @@ import optax
 from jaxshape import _validate
 from jaxshape import models as models_lib
 from jaxshape import per_example
+from jaxshape import shaping
 from jaxshape import transforms
 from jaxshape._typing import ArrayLike
 from jaxshape._typing import Batch
@@ -55,13 +56,14 @@ from jaxshape.batching import num_examples
 from jaxshape.batching import poisson_batches
 from jaxshape.batching import steps_per_epoch
 
-DEFENSES = ("vanilla", "dp", "adaptive")
+DEFENSES = ("vanilla", "dp", "adaptive", *shaping.DEFENSES)
 OPTIMIZERS = ("sgd", "adam")
 SAMPLINGS = ("shuffle", "poisson")
 
 
-def _check_hparams(learning_rate, l2_norm_clip, noise_multiplier) -> None:
+def _check_hparams(learning_rate, l2_norm_clip, noise_multiplier, shaping_param=0.0) -> None:
   """ValueError for concrete out-of-range hyperparameters (traced ones pass unchecked)."""
+  _validate.check_range("shaping_param", shaping_param, -1.0, 1.0)
   _validate.check_range("learning_rate", learning_rate, 0.0, math.inf, hi_open=True)
   _validate.check_range("l2_norm_clip", l2_norm_clip, 0.0, math.inf, lo_open=True)
   _validate.check_range("noise_multiplier", noise_multiplier, 0.0, math.inf, hi_open=True)
@@ -73,13 +75,20 @@ class HParams(NamedTuple):
   learning_rate: jax.Array  # [] float32, in [0, inf)
   l2_norm_clip: jax.Array  # [] float32, in (0, inf]; inf means no clipping
   noise_multiplier: jax.Array  # [] float32, in [0, inf); 0 means no noise
+  # [] float32 in [-1, 1]: the shaping defense's own parameter (`shaping.DEFENSES`)
+  shaping_param: jax.Array = np.float32(0.0)
 
   @classmethod
-  def create(cls, learning_rate, l2_norm_clip=math.inf, noise_multiplier=0.0) -> HParams:
+  def create(
+    cls, learning_rate, l2_norm_clip=math.inf, noise_multiplier=0.0, shaping_param=0.0
+  ) -> HParams:
     """Float32 hyperparameters; concrete values out of range raise ValueError naming them."""
-    _check_hparams(learning_rate, l2_norm_clip, noise_multiplier)
+    _check_hparams(learning_rate, l2_norm_clip, noise_multiplier, shaping_param)
     f = lambda v: jnp.asarray(v, jnp.float32)
-    return cls(f(learning_rate), f(l2_norm_clip), f(noise_multiplier))
+    lr, clip, noise, param = map(f, (learning_rate, l2_norm_clip, noise_multiplier, shaping_param))
+    if param.ndim == 0:  # the default 0 follows a grid of the others (a vmap maps every field)
+      param = jnp.broadcast_to(param, jnp.broadcast_shapes(lr.shape, clip.shape, noise.shape))
+    return cls(lr, clip, noise, param)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +100,10 @@ class TrainSpec:
     optimizer: "sgd" or "adam" (the paper: Adam for LR, SGD for MLP/CNN).
     defense: "vanilla" (plain gradients), "dp" (clip to C, Gaussian noise
       sigma*C on the sum; sigma = 0 is clipping only) or "adaptive" (clip to C,
-      then noise sigma x previous epoch's mean norm, §7.2).
+      then noise sigma x previous epoch's mean norm, §7.2), or a shaping
+      mechanism beyond DP-SGD (`shaping.DEFENSES`: "centered", "cosine",
+      "trimmed", "median", "quantile"; its parameter is `shaping_param`, and
+      noise sigma x C is added after it).
     batch_size: examples per step, an int >= 1.
     epochs: passes over the data, an int >= 0.
     momentum: SGD momentum in [0, 1) (None: plain SGD).
@@ -179,7 +191,8 @@ def make_optimizer(
   in `train_step`, once) and adds noise before the base optimizer:
   `add_gaussian_noise` for "dp" (and for "vanilla" with `track_norms`, as "dp"
   with C = inf, sigma = 0: no noise is drawn), `add_adaptive_noise` for
-  "adaptive" (`steps_per_epoch` marks its epochs).
+  "adaptive" (`steps_per_epoch` marks its epochs). A `shaping.DEFENSES`
+  defense chains its shaping transform before `add_gaussian_noise`.
   """
   hp = defense_hparams(spec, hparams)
   if spec.optimizer == "sgd":
@@ -192,6 +205,10 @@ def make_optimizer(
     noise = transforms.add_adaptive_noise(hp.noise_multiplier, steps_per_epoch, key)
   else:
     noise = transforms.add_gaussian_noise(hp.noise_multiplier, hp.l2_norm_clip, key)
+  if spec.defense in shaping.DEFENSES:
+    return optax.chain(
+      shaping.for_defense(spec.defense, hp.l2_norm_clip, hp.shaping_param), noise, base
+    )
   return optax.chain(noise, base)
 
 
@@ -215,11 +232,22 @@ def train_step(
   if spec.computes_norms:
     loss = spec.loss_fn(state.params, batch)
     clip = defense_hparams(spec, hparams).l2_norm_clip
-    clipped = per_example.clipped_sum_and_norms(spec.loss_fn, state.params, batch, clip)
+    if spec.defense in shaping.DEFENSES:  # its transform (opt_state[0]) aggregates
+      grads, clipped = shaping.step_input(
+        spec.defense,
+        spec.loss_fn,
+        state.params,
+        batch,
+        state.opt_state[0],
+        clip,
+        hparams.shaping_param,
+      )
+    else:
+      clipped = per_example.clipped_sum_and_norms(spec.loss_fn, state.params, batch, clip)
+      grads = clipped
     if "mask" in batch:  # padding rows are not examples (a NaN row they copy is not dropped)
       clipped = clipped._replace(norms_B=jnp.where(batch["mask"] > 0, clipped.norms_B, 0.0))
     metrics = StepMetrics(loss, *transforms.clip_statistics(clipped))
-    grads = clipped
   else:
     loss, grads = jax.value_and_grad(spec.loss_fn)(state.params, batch)
     nan = jnp.full([], jnp.nan, jnp.float32)

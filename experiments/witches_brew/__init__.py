@@ -6,13 +6,13 @@ victims from scratch on the poisoned set; success is the target classified as
 the attacker's class at the end of training. Their DP claim: "differential
 privacy trades off validation accuracy to reduce poisoning success". Here:
 the paper's CNN on FashionMNIST (a fixed random training subset, so a 1%
-budget is 50 poisons and a from-scratch victim takes seconds), T-shirt
+budget is 10 poisons and a from-scratch victim takes seconds), T-shirt
 targets pushed to shirt, vanilla and DP-SGD victims, and a no-poison control
 per victim key (same initialisation, batches and noise).
 
   python -m experiments.witches_brew --preset=smoke   # seconds, tiny
-  python -m experiments.witches_brew --preset=quick   # 8 targets x 2 seeds x 3 defenses
-  python -m experiments.witches_brew --preset=paper   # 40 targets x 3 seeds, 10k points
+  python -m experiments.witches_brew --preset=quick   # 8 targets x 2 seeds x 3 defenses, 1k points
+  python -m experiments.witches_brew --preset=paper   # 40 targets x 3 seeds, 5,000 points
 
 Modules:
   config       Config, presets, flag help and checks.

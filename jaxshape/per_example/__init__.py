@@ -63,10 +63,12 @@ __all__ = [
   "METHODS",
   "NormsAndCosines",
   "PerExampleLoss",
+  "ReweightedSum",
   "clipped_sum_and_norms",
   "fallback_layers",
   "fast_grad",
   "per_example_norms_and_cosines",
+  "reweighted_sum",
   "supports",
 ]
 
@@ -251,3 +253,63 @@ def per_example_norms_and_cosines(
   if _check_method(method, loss_fn, batch):
     return _fast_norms_and_cosines(loss_fn, params, batch, reference, layer)
   return _vmap_norms_and_cosines(loss_fn, params, batch, reference, layer)
+
+
+class ReweightedSum(NamedTuple):
+  """sum_i w_i g_i with each example's norm, dot product with a reference and weight."""
+
+  sum: Params  # like params: sum over kept examples of w_i g_i
+  norms_B: jax.Array  # [B] float32: l2 norm of each example's gradient
+  dots_B: jax.Array  # [B] float32: <g_i, reference>
+  mask_B: jax.Array  # [B] float32: 1 for real examples with finite gradients, else 0
+  weights_B: jax.Array  # [B] float32: w_i (0 where mask_B is 0)
+
+
+def _vmap_reweighted_sum(loss_fn, params, batch, reference, weights_fn):
+  grads_B = grads_lib.per_example_grads(loss_fn, params, batch)
+  norms_B = grads_lib.per_example_norms(grads_B)
+  dots_B = sum(
+    jnp.einsum("bk,k->b", g.reshape(g.shape[0], -1), r.reshape(-1))
+    for g, r in zip(jax.tree.leaves(grads_B), jax.tree.leaves(reference), strict=True)
+  )
+  keep_B = grads_lib.finite_mask(grads_B) * jnp.isfinite(dots_B)
+  if isinstance(batch, dict) and "mask" in batch:
+    keep_B = keep_B * batch["mask"]
+  ok_B = keep_B > 0
+  w_B = jnp.where(
+    ok_B, weights_fn(jnp.where(ok_B, norms_B, 0.0), jnp.where(ok_B, dots_B, 0.0)), 0.0
+  )
+  w_B = w_B * keep_B
+  total = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads_lib.scale_per_example(grads_B, w_B))
+  return ReweightedSum(total, norms_B, dots_B, keep_B.astype(jnp.float32), w_B)
+
+
+def reweighted_sum(
+  loss_fn: Any,
+  params: Params,
+  batch: Batch,
+  reference: Params,
+  weights_fn: Any,
+  *,
+  method: str = "auto",
+) -> ReweightedSum:
+  """sum_i w_i g_i where w_i = weights_fn(||g_i||, <g_i, reference>), in one pass.
+
+  The fast path of shaping mechanisms that see each gradient only through its
+  norm and its dot product with a reference (`jaxshape.shaping`: centered
+  clipping, cosine gating): with the engine it costs a clipped sum plus the
+  dot products, and no per-example gradient is materialised. `weights_fn`
+  maps `(norms_B, dots_B)` to `[B]` weights elementwise (it is traced, not
+  jitted separately: call this inside a jitted step). Examples with mask 0 or
+  a non-finite gradient get weight 0 and mask 0.
+
+  Example:
+    >>> rs = reweighted_sum(loss_fn, params, batch, ref, lambda n, d: jnp.minimum(1, 1 / n))
+
+  References:
+    Bu et al. 2023, §3 (book-keeping); Karimireddy, He, Jaggi 2021 (centered
+    clipping as a reweighted sum).
+  """
+  if _check_method(method, loss_fn, batch):
+    return ReweightedSum(*_engine.reweighted_sum(loss_fn, params, batch, reference, weights_fn))
+  return _vmap_reweighted_sum(loss_fn, params, batch, reference, weights_fn)

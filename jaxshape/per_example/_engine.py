@@ -234,6 +234,29 @@ def clipped_sum(loss, params, batch, l2_norm_clip) -> grads_lib.ClippedSum:
   return grads_lib.ClippedSum(total, norms_B.astype(jnp.float32), keep_B, clip)
 
 
+def reweighted_sum(loss, params, batch, reference, weights_fn):
+  """(sum_i w_i g_i, norms `[B]`, dots with `reference` `[B]`, keep `[B]`, w `[B]`), one pass.
+
+  w_i = keep_i * weights_fn(norm_i, dot_i): the per-example weights of a shaping
+  mechanism that depends on each gradient only through its norm and its dot
+  product with a reference (centered clipping, cosine gating); the cost is a
+  clipped sum's plus the dot products.
+  """
+  scale_B, keepw_B = _loss.per_example_weights(batch)
+
+  def coefficients(parts, keepw_b):
+    norms_b, dots_b = parts.norms(), parts.dots(reference)
+    ok_b = jnp.isfinite(norms_b) & jnp.isfinite(dots_b) & (keepw_b != 0)
+    keep_b = jnp.where(ok_b, keepw_b, 0.0)
+    safe_norms_b, safe_dots_b = jnp.where(ok_b, norms_b, 0.0), jnp.where(ok_b, dots_b, 0.0)
+    w_b = jnp.where(ok_b, keepw_b * weights_fn(safe_norms_b, safe_dots_b), 0.0)
+    return w_b, ok_b, (norms_b, dots_b, keep_b, w_b)
+
+  chunk = chunk_size_for(loss, params, batch)
+  total, out = _summed(loss, params, batch, scale_B, keepw_B, coefficients, chunk)
+  return (total,) + tuple(o.astype(jnp.float32) for o in out)
+
+
 def mean_grad(loss, params, batch) -> Params:
   """`jax.grad(loss)(params, batch)` through the engine's passes."""
   weight_B = _loss.mean_weights(batch)
