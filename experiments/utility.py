@@ -246,7 +246,7 @@ def _run_model(config: Config, run: ModelRun, d: dict, csv_path: str) -> list[di
   n = d["x"].shape[0]
   eps = {s: epsilon(config, s, n, epochs) for s in {g[2] for g in defense_grid(config)}}
   jobs = []
-  for defense, clip, sigma in defense_grid(config):
+  for defense, clip, sigma, _ in defense_grid(config):
     for seed in range(config.seeds):
       values = {"learning_rate": run.learning_rate, "l2_norm_clip": clip, "noise_multiplier": sigma}
       key = {
@@ -292,7 +292,7 @@ def _selected(rows: list[dict], config: Config, datasets: dict[str, str]) -> lis
   wanted = {
     tuple(map(results.canonical, (m, datasets[m], d, c, s, seed)))
     for m in config.models
-    for d, c, s in defense_grid(config)
+    for d, c, s, _ in defense_grid(config)
     for seed in range(config.seeds)
   }
   return [r for r in rows if tuple(results.canonical(r[c]) for c in COLUMNS[:6]) in wanted]

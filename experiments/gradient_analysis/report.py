@@ -18,7 +18,7 @@ from jaxshape import results
 def selected(rows: list[dict], config: Config) -> list[dict]:
   wanted = set()
   for scenario in config.scenarios:
-    for defense, clip, sigma in defense_grid(config, scenario):
+    for defense, clip, sigma, _ in defense_grid(config, scenario):
       for setting in settings(config, scenario):
         for seed in range(config.seeds):
           wanted.add(tuple(map(results.canonical, (scenario, setting, defense, clip, sigma, seed))))
@@ -110,7 +110,7 @@ def plot(path: str, rows: list[dict], config: Config) -> None:
     for i, (value, layer) in enumerate(panels):
       ax = axes[i, j]
       for si, setting in enumerate(setting_list):
-        for di, (defense, clip, sigma) in enumerate(grid):
+        for di, (defense, clip, sigma, _) in enumerate(grid):
           sel = [
             r
             for r in mine

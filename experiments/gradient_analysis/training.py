@@ -92,7 +92,7 @@ def run_scenario(config: Config, scenario: str, d: dict[str, Any], init_S, csv_p
   )
   build, epochs = build_program(config, scenario, d["num_classes"])
   jobs = []
-  for defense, clip, sigma in defense_grid(config, scenario):
+  for defense, clip, sigma, _ in defense_grid(config, scenario):
     for (setting, seed), (variant, count) in index.items():
       values = {
         "variant": variant,

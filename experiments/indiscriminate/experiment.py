@@ -43,7 +43,7 @@ def run(config: Config) -> dict:
     for attack in config.attacks:
       px_V, _, index = crafted[attack]
       for (ratio, seed), (variant, count) in sorted(index.items()):
-        for defense, clip, sigma in grid:
+        for defense, clip, sigma, _ in grid:
           values = {
             "variant": offset + variant,
             "n_poisons": count,

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 
+from experiments import common
 from experiments import gradient_analysis as ga
 from jaxshape import data
 from jaxshape import results
@@ -81,7 +82,7 @@ def test_csv_schema_rows_and_values(smoke):
   rows = results.parse(results.read_csv(path))
   assert len(rows) == _expected_rows(config) == len(out["rows"])
   assert len(ga.defense_grid(config, "collision_scratch")) == 2  # vanilla, DP C=4 sigma=0
-  assert ga.defense_grid(config, "insertion") == [("vanilla", math.inf, 0.0)]
+  assert ga.defense_grid(config, "insertion") == [common.VANILLA]
   for row in rows:
     assert row["layer"] in ga.LAYERS
     assert 1 <= row["epoch"] <= config.epochs
