@@ -30,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from jaxshape import _validate
+from jaxshape import accounting
 from jaxshape import data
 from jaxshape import results
 from jaxshape import shaping
@@ -255,6 +256,24 @@ def prepare_out(config) -> str:
 # The batch sampling every experiment trains with (train.TrainSpec's default), and so the one
 # its reported epsilon must assume (accounting.epsilon(..., sampling=SAMPLING); Chua et al. 2024).
 SAMPLING = "shuffle"
+
+
+def defense_epsilon(defense: Defense, n: int, batch_size: int, epochs: int) -> float:
+  """Epsilon (delta 1e-5) of `epochs` epochs of `SAMPLING` batches of `batch_size` from `n`
+  examples under `defense`; inf without noise."""
+  if defense.kind == "vanilla" or defense.noise_multiplier == 0:
+    return math.inf
+  steps = epochs * -(-n // batch_size)
+  q = min(1.0, batch_size / n)
+  return accounting.epsilon(defense.noise_multiplier, q, steps, sampling=SAMPLING)
+
+
+def has_row(rows, **key) -> bool:
+  """Whether a row matches every `key` field (compared as `results.canonical` text): the
+  resume check of experiments that keep their rows in memory."""
+  return any(
+    all(results.canonical(r[k]) == results.canonical(v) for k, v in key.items()) for r in rows
+  )
 
 
 def load_data(config, name: str, **kwargs):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import jax
@@ -46,7 +45,6 @@ from experiments import common
 from experiments.backdoor import config as config_lib
 from experiments.backdoor import report
 from experiments.witches_brew import victims
-from jaxshape import accounting
 from jaxshape import models
 from jaxshape import poisons
 from jaxshape import results
@@ -238,17 +236,7 @@ def _cache_fields(config) -> dict:
 
 def dp_epsilon(config, defense: common.Defense, n_rows: int) -> float:
   """Epsilon (delta 1e-5) of the training on the poisoned set, for its shuffled batches."""
-  if defense.kind == "vanilla" or defense.noise_multiplier == 0:
-    return math.inf
-  steps = config.epochs * -(-n_rows // config.batch_size)
-  q = min(1.0, config.batch_size / n_rows)
-  return accounting.epsilon(defense.noise_multiplier, q, steps, sampling=common.SAMPLING)
-
-
-def _done(rows, **key) -> bool:
-  return any(
-    all(results.canonical(r[k]) == results.canonical(v) for k, v in key.items()) for r in rows
-  )
+  return common.defense_epsilon(defense, n_rows, config.batch_size, config.epochs)
 
 
 def run(config) -> dict:
@@ -267,7 +255,7 @@ def run(config) -> dict:
     for defense, seed in plan:
       ids = {"protocol": config.protocol, **defense.fields(), "seed": seed}
       todo = [a for a in plan_attacks
-              if not _done(rows, attack=a.name, poison_ratio=a.ratio, **ids)]  # fmt: skip
+              if not common.has_row(rows, attack=a.name, poison_ratio=a.ratio, **ids)]  # fmt: skip
       bar.update(len(plan_attacks) - len(todo))
       if not todo:
         continue

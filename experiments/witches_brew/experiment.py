@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 
 import jax
@@ -39,7 +38,6 @@ from experiments import common
 from experiments.witches_brew import config as config_lib
 from experiments.witches_brew import report
 from experiments.witches_brew import victims
-from jaxshape import accounting
 from jaxshape import models
 from jaxshape import poisons
 from jaxshape import results
@@ -248,17 +246,7 @@ def _alignments(model, params, x_target, adversarial_class, x_P, x_base_P, y_P):
 
 def dp_epsilon(config, defense: common.Defense) -> float:
   """Epsilon (delta 1e-5) of a victim's training, for the shuffled batches it used."""
-  if defense.kind == "vanilla" or defense.noise_multiplier == 0:
-    return math.inf
-  steps = config.epochs * -(-config.max_train // config.batch_size)
-  q = config.batch_size / config.max_train
-  return accounting.epsilon(defense.noise_multiplier, q, steps, sampling=common.SAMPLING)
-
-
-def _done(rows, **key) -> bool:
-  return any(
-    all(results.canonical(r[k]) == results.canonical(v) for k, v in key.items()) for r in rows
-  )
+  return common.defense_epsilon(defense, config.max_train, config.batch_size, config.epochs)
 
 
 def run(config) -> dict:
@@ -285,11 +273,11 @@ def run(config) -> dict:
       hparams, key = _hparams(config, defense), jax.random.key(VICTIM_SEED + seed)
       eps = dp_epsilon(config, defense)
       ids = {**defense.fields(), "seed": seed}
-      if not all(_done(controls, **ids, target_index=int(t)) for t in targets_T):
+      if not all(common.has_row(controls, **ids, target_index=int(t)) for t in targets_T):
         with common.Timer() as timer:
           params = victims.train_victim(spec, hparams, key, s.x_N, s.y_N)
           out = _outcome(config, s, params, targets_T)
-        controls = [r for r in controls if not _done([r], **ids)]
+        controls = [r for r in controls if not common.has_row([r], **ids)]
         controls += [
           {**ids, "target_index": int(t), "control_success": int(out["success_T"][i]),
            "control_adv_margin": float(out["margin_T"][i]),
@@ -298,10 +286,10 @@ def run(config) -> dict:
         ]  # fmt: skip
         results.write_csv(controls_path, controls, CONTROL_COLUMNS)
       bar.update(1)
-      control = {int(r["target_index"]): r for r in controls if _done([r], **ids)}
+      control = {int(r["target_index"]): r for r in controls if common.has_row([r], **ids)}
       for i, t in enumerate(targets_T):
         t = int(t)
-        if not _done(rows, **ids, target_index=t):
+        if not common.has_row(rows, **ids, target_index=t):
           brewed = brews[t]
           with common.Timer() as timer:
             params = victims.train_victim(spec, hparams, key, poisoned_set(s, brewed), s.y_N)
