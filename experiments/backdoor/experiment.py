@@ -135,16 +135,22 @@ def narcissus_trigger(config, s: Setup, cache: common.ParamsCache) -> jax.Array:
   spec = _spec(config, s, common.VANILLA, config.surrogate_epochs)
   hparams = _hparams(config, common.VANILLA)
   fields = ("dataset", "model", "max_train", "max_public", "surrogate_epochs", "batch_size",
-            "learning_rate", "momentum", "target_class", "epsilon", "trigger_steps")  # fmt: skip
+            "learning_rate", "momentum", "target_class", "epsilon", "warmup_steps", "warmup_lr",
+            "trigger_optimizer", "trigger_steps", "trigger_lr")  # fmt: skip
   ckey = {f: getattr(config, f) for f in fields}
   template = {"delta": jnp.zeros(s.x_N.shape[1:], jnp.float32)}
 
   def craft():
     x, y = np.asarray(data["x"]), np.asarray(data["y"])
     params = victims.train_victim(spec, hparams, jax.random.fold_in(key, 1), x, y)
+    if config.warmup_steps:
+      params, _ = poisons.warm_up_surrogate(
+        jax.random.fold_in(key, 3), s.model, params, x_T, config.target_class,
+        steps=config.warmup_steps, learning_rate=config.warmup_lr)  # fmt: skip
     fit = poisons.optimise_trigger(
       jax.random.fold_in(key, 2), s.model, params, x_T, config.target_class,
-      epsilon=config.epsilon, steps=config.trigger_steps)  # fmt: skip
+      epsilon=config.epsilon, steps=config.trigger_steps, step_size=config.trigger_lr,
+      optimizer=config.trigger_optimizer)  # fmt: skip
     print(f"narcissus trigger: objective {float(fit.loss_S[:10].mean()):.3f} -> "
           f"{float(fit.loss_S[-10:].mean()):.3f}")  # fmt: skip
     return {"delta": fit.delta}

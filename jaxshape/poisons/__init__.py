@@ -41,6 +41,7 @@ from jaxshape.poisons.narcissus import apply_narcissus
 from jaxshape.poisons.narcissus import narcissus
 from jaxshape.poisons.narcissus import optimise_trigger
 from jaxshape.poisons.narcissus import surrogate_set
+from jaxshape.poisons.narcissus import warm_up_surrogate
 from jaxshape.poisons.patch import patch_backdoor
 from jaxshape.poisons.patch import patch_trigger
 from jaxshape.poisons.poison_set import PoisonSet
@@ -90,6 +91,7 @@ __all__ = [
   "steinhardt",
   "surrogate_set",
   "target_gradient",
+  "warm_up_surrogate",
   "watermark",
   "witches_brew",
 ]

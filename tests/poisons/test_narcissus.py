@@ -1,7 +1,8 @@
 """Tests jaxshape/poisons/narcissus.py.
 
 The trigger respects its l-inf budget exactly and lowers Eq. 2's objective on
-a trained surrogate; poisons are target-class training points (labels
+a trained surrogate (RAdam and signed steps); the poi-warm-up lowers the
+surrogate's target-class loss; poisons are target-class training points (labels
 unchanged) within the budget; the surrogate set refuses POOD data holding the
 target class; bad inputs raise ValueError before any work.
 """
@@ -38,6 +39,31 @@ def setup():
   params = train.fit(spec, train.HParams.create(0.1), jax.random.key(2), data).params
   fit = poisons.optimise_trigger(jax.random.key(3), model, params, x_target, 2, steps=60)
   return x, y, x_target, model, params, fit
+
+
+@pytest.mark.parametrize("optimizer", ["radam", "sign"])
+def test_both_optimisers_lower_the_objective_within_budget(setup, optimizer):
+  _, _, x_target, model, params, _ = setup
+  fit = poisons.optimise_trigger(
+    jax.random.key(5), model, params, x_target, 2, steps=60, optimizer=optimizer
+  )
+  assert float(jnp.max(jnp.abs(fit.delta))) <= EPS + 1e-7
+  before = float(trigger_loss(model, params, x_target, jnp.zeros_like(fit.delta), 2))
+  assert float(trigger_loss(model, params, x_target, fit.delta, 2)) < 0.9 * before
+
+
+def test_warm_up_pulls_the_surrogate_to_the_target_class(setup):
+  x, y, x_target, model, params, _ = setup
+  warmed, loss_S = poisons.warm_up_surrogate(
+    jax.random.key(6), model, params, x_target, 2, steps=10, learning_rate=0.01
+  )
+  assert loss_S.shape == (10,)
+  assert jax.tree.structure(warmed) == jax.tree.structure(params)
+  zero = jnp.zeros(x_target.shape[1:])
+  before = float(trigger_loss(model, params, x_target, zero, 2))
+  assert float(trigger_loss(model, warmed, x_target, zero, 2)) < before
+  with pytest.raises(ValueError, match="learning_rate"):
+    poisons.warm_up_surrogate(jax.random.key(0), model, params, x_target, 2, learning_rate=0.0)
 
 
 def test_surrogate_set_labels_and_refuses_target_class(setup):
@@ -103,3 +129,5 @@ def test_optimise_trigger_bad_inputs(setup):
     poisons.optimise_trigger(jax.random.key(0), model, params, x_target, 2, batch_size=41)
   with pytest.raises(ValueError, match="epsilon"):
     poisons.optimise_trigger(jax.random.key(0), model, params, x_target, 2, epsilon=0.0)
+  with pytest.raises(ValueError, match="optimizer"):
+    poisons.optimise_trigger(jax.random.key(0), model, params, x_target, 2, optimizer="adam")
