@@ -359,7 +359,8 @@ def main(argv: Sequence[str]) -> None:
   command = " ".join(["python -m experiments.bench", *sys.argv[1:]])
   print(f"\n**Bench** `{command}` on {machine()}; load average {load_start} at the start, ")
   print(f"{_load()} at the end; {time.perf_counter() - start:.0f} s wall.\n")
-  print(bench_shaping.table(rows) if FLAGS.shaping else targets(rows))
+  shaped = any(r["method"] in bench_shaping.MECHANISMS for r in rows)
+  print(bench_shaping.table(rows) if shaped else targets(rows))
   print()
   print(summary(rows))
 
