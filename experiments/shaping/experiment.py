@@ -26,9 +26,53 @@ DETECT_COLUMNS = (
 )
 
 
+# What a row of the run CSVs means; the grids (mechanism points, attacks, ratios, seeds,
+# targets, poison counts) may grow between runs of one --out, these may not.
+RUN_FIELDS = (
+  "noise_clip",
+  "centered_decay",
+  "cosine_clip",
+  "quantile_initial_clip",
+  "filter_score",
+  "dataset",
+  "epochs",
+  "batch_size",
+  "learning_rate",
+  "max_train",
+  "steinhardt_iterations",
+  "detect_epochs",
+  "mp_attack",
+  "mp_max_train",
+  "mp_max_test",
+  "mp_pretrain_epochs",
+  "mp_retrain_epochs",
+  "mp_batch_size",
+  "mp_learning_rate",
+  "mp_candidates",
+  "mp_craft_iters",
+)
+
+
+def check_resumable(config: Config) -> None:
+  """Refuses an --out whose run CSVs came from other settings (`RUN_FIELDS`); records them."""
+  path = os.path.join(config.out, "run.json")
+  signature = {f: results.canonical(getattr(config, f)) for f in RUN_FIELDS}
+  if os.path.exists(path):
+    old = results.read_json(path)
+    changed = sorted(k for k in signature if old.get(k) != signature[k])
+    if changed:
+      raise ValueError(
+        f"{config.out} holds runs of other settings ({', '.join(changed)} differ); "
+        "pass a new --out or remove the folder"
+      )
+  os.makedirs(config.out, exist_ok=True)
+  results.write_json(path, signature)
+
+
 def run(config: Config) -> dict:
   """Runs the parts of `config`; writes the tables and plots; returns the rows and timings."""
   config = validate(config)
+  check_resumable(config)
   out = common.prepare_out(config)
   cache = common.ParamsCache(os.path.join(out, "cache"))
   rows, detect_rows, seconds = [], [], {}

@@ -30,10 +30,12 @@ from experiments.shaping import detection
 from experiments.shaping.config import AUC_COLUMNS
 from experiments.shaping.config import MECHANISM_FIELDS
 from experiments.shaping.config import Config
+from experiments.shaping.config import by_cost
 from experiments.shaping.config import mechanism_ident
 from experiments.shaping.config import mechanisms
 from jaxshape import detect
 from jaxshape import models
+from jaxshape import results
 from jaxshape import sweep
 from jaxshape import train
 
@@ -243,7 +245,7 @@ def run_part(config: Config, out: str, cache: common.ParamsCache) -> dict:
 
   rows = sweep.run(
     build_program(config, model, n, p_max),
-    jobs,
+    by_cost(jobs),
     os.path.join(out, "indiscriminate_runs.csv"),
     to_rows=to_rows,
     columns=RUN_COLUMNS,
@@ -264,8 +266,13 @@ def result_rows(config: Config, runs: list[dict], detect_rows: list[dict]) -> li
   aucs = {(r["attack"], r["poison_ratio"], r["seed"]): r for r in detect_rows}
   labels = {ident(m.fields()): m.label for m in mechanisms(config)}
   out = []
+  ratios = {results.canonical(x) for x in config.poison_ratios}
   for r in runs:
     if r["attack"] == CLEAN or (ident(r), r["seed"]) not in clean:
+      continue
+    if ident(r) not in labels or r["attack"] not in config.attacks or r["seed"] >= config.seeds:
+      continue  # rows of an earlier run with a larger grid
+    if results.canonical(r["poison_ratio"]) not in ratios:
       continue
     ref = clean[ident(r), r["seed"]]["acc_best"]
     base = vanilla[r["seed"]]["acc_best"] if r["seed"] in vanilla else math.nan

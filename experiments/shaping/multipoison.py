@@ -32,6 +32,7 @@ from experiments.shaping import detection
 from experiments.shaping.config import AUC_COLUMNS
 from experiments.shaping.config import MECHANISM_FIELDS
 from experiments.shaping.config import Config
+from experiments.shaping.config import by_cost
 from experiments.shaping.config import mechanism_ident
 from experiments.shaping.config import mechanisms
 from experiments.targeted import crafting
@@ -255,7 +256,7 @@ def run_part(config: Config, out: str, cache: common.ParamsCache) -> dict:
 
   runs = sweep.run(
     build_program(ctx, tconfig),
-    jobs,
+    by_cost(jobs),
     os.path.join(out, "multipoison_runs.csv"),
     to_rows=to_rows,
     columns=RUN_COLUMNS,
@@ -284,7 +285,10 @@ def result_rows(config: Config, runs: list[dict], detect_rows: list[dict], n_cle
   cost against vanilla's control (same seed), the filter's mean detector AUCs."""
   labels = {mechanism_ident(m.fields()): m for m in mechanisms(config)}
   controls, hits = {}, {}
+  counts = set(config.mp_poison_counts)
   for r in runs:
+    if r["seed"] >= config.seeds or (r["attack"] != CONTROL and r["n_poisons"] not in counts):
+      continue  # rows of an earlier run with a larger grid
     ident = (mechanism_ident(r), r["seed"])
     if r["attack"] == CONTROL:
       controls.setdefault(ident, {})[r["target_index"]] = r

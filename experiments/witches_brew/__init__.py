@@ -7,8 +7,11 @@ the attacker's class at the end of training. Their DP claim: "differential
 privacy trades off validation accuracy to reduce poisoning success". Here:
 the paper's CNN on FashionMNIST (a fixed random training subset, so a 1%
 budget is 10 poisons and a from-scratch victim takes seconds), T-shirt
-targets pushed to shirt, vanilla and DP-SGD victims, and a no-poison control
-per victim key (same initialisation, batches and noise).
+targets pushed to shirt (confusable ones: the attacker's own models put them a
+few logits from shirt), poisons on the shirts nearest the target, crafted on
+an ensemble of surrogates trained like the victims, vanilla and DP-SGD
+victims, and a no-poison control per victim key (same initialisation,
+batches and noise).
 
   python -m experiments.witches_brew --preset=smoke   # seconds, tiny
   python -m experiments.witches_brew --preset=quick   # 8 targets x 2 seeds x 3 defenses, 1k points

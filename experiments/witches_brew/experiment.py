@@ -2,12 +2,15 @@
 
 Shapes: N training examples, P poisons, T targets.
 
-1. The attacker's surrogate: the CNN trained on the clean subset (seed 0),
-   cached in `<out>/cache` (`common.ParamsCache`).
-2. Targets: test points of `target_class` the surrogate classifies correctly,
-   the first `targets` of a fixed random order.
+1. The attacker's surrogates: `surrogate_seeds` CNNs trained like the victims
+   on the clean subset from keys no victim uses, cached in `<out>/cache`
+   (`common.ParamsCache`); crafting averages over them (an ensemble).
+2. Targets: test points of `target_class` every surrogate classifies
+   correctly, with mean surrogate margin inside `target_margin` when given
+   (confusable targets), the first `targets` of a fixed random order.
 3. One brew per target (`poisons.witches_brew`: P = budget x N training points
-   of `adversarial_class`, clean labels, l-inf `epsilon`), saved in
+   of `adversarial_class`, the nearest to the target in the surrogates'
+   penultimate features or random, clean labels, l-inf `epsilon`), saved in
    `<out>/poisons/` and reused by a re-run with the same crafting settings.
 4. Per (defense, seed): a control victim trained from scratch on the clean
    subset, and one victim per target trained from scratch with the same key on
@@ -54,6 +57,7 @@ COLUMNS = (
   "noise_multiplier",
   "seed",
   "n_poisons",
+  "surrogate_margin",
   "alignment",
   "alignment_victim",
   "base_alignment_victim",
@@ -104,39 +108,62 @@ def _spec(config, s: Setup, defense: common.Defense, epochs: int) -> train.Train
   return victims.make_spec(s.model, kind, config.batch_size, epochs, config.momentum)
 
 
+def _victim_shift(config) -> int | None:
+  return config.max_shift if config.victim_augment else None
+
+
 def _hparams(config, defense: common.Defense) -> train.HParams:
   return train.HParams.create(config.learning_rate, defense.clip_norm, defense.noise_multiplier)
 
 
+def surrogate_key(k: int) -> jax.Array:
+  """The key of surrogate k: `key(SURROGATE_SEED)`, folded with k for k >= 1 (never a victim's)."""
+  key = jax.random.key(SURROGATE_SEED)
+  return key if k == 0 else jax.random.fold_in(key, k)
+
+
 def surrogates(config, s: Setup, cache: common.ParamsCache) -> list:
-  """The attacker's pre-trained CNN (seed 0, clean subset) after each epoch of
-  `surrogate_checkpoints` (an ensemble) or after the last (one model); cached."""
+  """The attacker's pre-trained CNNs (`surrogate_seeds` keys, clean subset, the victims'
+  recipe) after each epoch of `surrogate_checkpoints` or after the last; cached. A flat list,
+  seed-major: the ensemble crafting averages over."""
   kept = tuple(config.surrogate_checkpoints) or (config.surrogate_epochs,)
-  key = {
-    "data": "fashion_mnist",
-    "max_train": config.max_train,
-    "epochs": config.surrogate_epochs,
-    "batch_size": config.batch_size,
-    "learning_rate": config.learning_rate,
-    "momentum": config.momentum,
-    "seed": SURROGATE_SEED,
-    "kept": kept,
-  }
   one = models.init_params(s.model, jax.random.key(0), s.x_N.shape[1:])
   spec = _spec(config, s, common.VANILLA, config.surrogate_epochs)
+  out = []
+  for k in range(config.surrogate_seeds):
+    key = {
+      "data": "fashion_mnist",
+      "max_train": config.max_train,
+      "epochs": config.surrogate_epochs,
+      "batch_size": config.batch_size,
+      "learning_rate": config.learning_rate,
+      "momentum": config.momentum,
+      **({"augment": config.max_shift} if config.victim_augment else {}),
+      "seed": SURROGATE_SEED,
+      "kept": kept,
+      **({"member": k} if k else {}),
+    }
 
-  def train_fn():
-    _, params_K = victims.train_victim(
-      spec,
-      _hparams(config, common.VANILLA),
-      jax.random.key(SURROGATE_SEED),
-      s.x_N,
-      s.y_N,
-      keep_epochs=kept,
-    )
-    return params_K
+    def train_fn(k=k):
+      _, params_K = victims.train_victim(
+        spec,
+        _hparams(config, common.VANILLA),
+        surrogate_key(k),
+        s.x_N,
+        s.y_N,
+        keep_epochs=kept,
+        max_shift=_victim_shift(config),
+      )
+      return params_K
 
-  return list(cache.get("surrogates", key, [one] * len(kept), train_fn))
+    out += list(cache.get("surrogates", key, [one] * len(kept), train_fn))
+  return out
+
+
+def final_surrogates(config, params_K: list) -> list:
+  """The last checkpoint of every surrogate seed in `surrogates`' flat list."""
+  per_seed = len(params_K) // config.surrogate_seeds
+  return params_K[per_seed - 1 :: per_seed]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -153,24 +180,60 @@ def logits(model, params, x: np.ndarray, chunk: int = 1000) -> np.ndarray:
   )
 
 
-def choose_targets(config, s: Setup, params) -> np.ndarray:
-  """The first `targets` test points of `target_class`, in a fixed random order, that the
-  (last) surrogate classifies correctly."""
+def surrogate_margins(config, s: Setup, finals: list, idx: np.ndarray) -> tuple:
+  """Per test point of `idx`: the mean over `finals` of logit(adversarial) - logit(true), and
+  whether every surrogate classifies it correctly."""
+  margin_K, correct_K = [], []
+  for params in finals:
+    logits_TC = logits(s.model, params, s.x_test[idx])
+    margin_K.append(logits_TC[:, config.adversarial_class] - logits_TC[:, config.target_class])
+    correct_K.append(logits_TC.argmax(axis=1) == s.y_test[idx])
+  return np.mean(margin_K, axis=0), np.all(correct_K, axis=0)
+
+
+def choose_targets(config, s: Setup, finals: list) -> np.ndarray:
+  """The first `targets` test points of `target_class`, in a fixed random order, that every
+  surrogate classifies correctly, with mean surrogate margin inside `target_margin` if given
+  (confusable targets: the attacker sees its own models' margins, not the victims')."""
   order = np.random.default_rng(2).permutation(len(s.y_test))
   cand = order[s.y_test[order] == config.target_class]
-  pred = logits(s.model, params, s.x_test[cand]).argmax(axis=1)
-  chosen = cand[pred == config.target_class][: config.targets]
+  margin, correct = surrogate_margins(config, s, finals, cand)
+  keep = correct
+  if config.target_margin:
+    lo, hi = config.target_margin
+    keep = keep & (margin > lo) & (margin < hi)
+  chosen = cand[keep][: config.targets]
   if chosen.size < config.targets:
-    raise ValueError(f"only {chosen.size} correctly classified targets, asked {config.targets}")
+    raise ValueError(
+      f"only {chosen.size} targets fit (correct on every surrogate, margin in "
+      f"{config.target_margin or 'any'}), asked {config.targets}"
+    )
   return chosen.astype(np.int32)
 
 
 CRAFT_FIELDS = (
-  "max_train", "surrogate_epochs", "surrogate_checkpoints", "batch_size", "learning_rate",
-  "momentum", "adversarial_class", "budget", "epsilon", "steps", "restarts", "augment",
-  "max_shift",
+  "max_train", "surrogate_epochs", "surrogate_seeds", "surrogate_checkpoints", "batch_size",
+  "learning_rate", "momentum", "victim_augment", "adversarial_class", "budget",
+  "base_selection", "epsilon", "steps", "restarts", "augment", "max_shift",
 )  # fmt: skip
 BREW_FIELDS = ("x_P", "base_P", "alignment", "alignment_start", "seconds")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features(model, params, x):
+  return models.features(model, params, x)
+
+
+def nearest_bases(config, s: Setup, finals: list, target: int) -> np.ndarray:
+  """The `n_poisons` training points of `adversarial_class` nearest the target: smallest mean
+  (over the final surrogates) Euclidean distance in penultimate-feature space."""
+  eligible = np.flatnonzero(s.y_N == config.adversarial_class)
+  dist = np.zeros(eligible.size)
+  for params in finals:
+    f_t = np.asarray(_features(s.model, params, jnp.asarray(s.x_test[target][None])))
+    f_E = np.asarray(_features(s.model, params, jnp.asarray(s.x_N[eligible])))
+    dist += np.linalg.norm(f_E - f_t, axis=1) / len(finals)
+  return np.sort(eligible[np.argsort(dist, kind="stable")[: config_lib.n_poisons(config)]])
 
 
 def brew_target(config, s: Setup, params_K: list, target: int) -> dict:
@@ -193,7 +256,11 @@ def brew_target(config, s: Setup, params_K: list, target: int) -> dict:
       config.adversarial_class,
       s.x_N,
       s.y_N,
-      budget=config_lib.n_poisons(config),
+      **(
+        {"base_idx": nearest_bases(config, s, final_surrogates(config, params_K), target)}
+        if config.base_selection == "nearest"
+        else {"budget": config_lib.n_poisons(config)}
+      ),
       epsilon=config.epsilon,
       steps=config.steps,
       restarts=config.restarts,
@@ -255,7 +322,9 @@ def run(config) -> dict:
   common.prepare_out(config)
   s = setup(config)
   params_K = surrogates(config, s, common.ParamsCache(os.path.join(config.out, "cache")))
-  targets_T = choose_targets(config, s, params_K[-1])
+  finals = final_surrogates(config, params_K)
+  targets_T = choose_targets(config, s, finals)
+  surrogate_margin_T = surrogate_margins(config, s, finals, targets_T)[0]
   brews = {}
   for t in tqdm.tqdm(targets_T, desc="brew", unit="target", disable=not config.progress):
     brews[int(t)] = brew_target(config, s, params_K, int(t))
@@ -275,7 +344,9 @@ def run(config) -> dict:
       ids = {**defense.fields(), "seed": seed}
       if not all(common.has_row(controls, **ids, target_index=int(t)) for t in targets_T):
         with common.Timer() as timer:
-          params = victims.train_victim(spec, hparams, key, s.x_N, s.y_N)
+          params = victims.train_victim(
+            spec, hparams, key, s.x_N, s.y_N, max_shift=_victim_shift(config)
+          )
           out = _outcome(config, s, params, targets_T)
         controls = [r for r in controls if not common.has_row([r], **ids)]
         controls += [
@@ -292,7 +363,9 @@ def run(config) -> dict:
         if not common.has_row(rows, **ids, target_index=t):
           brewed = brews[t]
           with common.Timer() as timer:
-            params = victims.train_victim(spec, hparams, key, poisoned_set(s, brewed), s.y_N)
+            params = victims.train_victim(
+              spec, hparams, key, poisoned_set(s, brewed), s.y_N, max_shift=_victim_shift(config)
+            )
             out = _outcome(config, s, params, targets_T)
             y_P = s.y_N[brewed["base_P"]]
             align_victim, align_base = _alignments(
@@ -300,6 +373,7 @@ def run(config) -> dict:
               s.x_N[brewed["base_P"]], y_P)  # fmt: skip
           rows.append({
             "target_index": t, **ids, "n_poisons": int(brewed["base_P"].size),
+            "surrogate_margin": float(surrogate_margin_T[i]),
             "alignment": float(brewed["alignment"]), "alignment_victim": float(align_victim),
             "base_alignment_victim": float(align_base),
             "success": int(out["success_T"][i]),

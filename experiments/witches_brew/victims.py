@@ -28,6 +28,7 @@ import numpy as np
 
 from jaxshape import batching
 from jaxshape import models
+from jaxshape import poisons
 from jaxshape import train
 
 
@@ -51,6 +52,11 @@ def _step(spec, hparams, state, x_B, y_B, mask_B):
   return train.train_step(spec, hparams, optimizer, state, {"x": x_B, "y": y_B, "mask": mask_B})
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _augment(key, x_BHWC, max_shift):
+  return poisons.augment_images(key, x_BHWC, max_shift, True)
+
+
 def train_victim(
   spec: train.TrainSpec,
   hparams: train.HParams,
@@ -59,12 +65,16 @@ def train_victim(
   y_N: np.ndarray,
   *,
   keep_epochs: tuple[int, ...] = (),
+  max_shift: int | None = None,
 ):
   """Parameters after `spec.epochs` epochs from scratch, and those after each of `keep_epochs`.
 
   The same randomness as `train.fit(spec, hparams, key, {"x": x_N, "y": y_N})`:
   two calls with one key and data that differ in a few rows see the same
-  initialisation, batches (by row index) and DP noise.
+  initialisation, batches (by row index) and DP noise. With `max_shift` (an
+  int), every batch is augmented as Geiping et al.'s victims are: random
+  left-right flips and shifts up to `max_shift` pixels (`poisons.augment_images`,
+  keyed by `fold_in(key, 3)` and the step, so the same rows see the same draws).
 
   Returns:
     The final parameters, or with `keep_epochs` (1-based epochs) a pair
@@ -76,11 +86,16 @@ def train_victim(
   steps = batching.steps_per_epoch({"x": x_N}, spec.batch_size)
   state = train.init_state(train.make_optimizer(spec, hparams, key_noise, steps), params)
   x_N, y_N = jnp.asarray(x_N), jnp.asarray(y_N)
-  kept = []
+  key_augment = jax.random.fold_in(key, 3)
+  kept, step = [], 0
   for epoch, epoch_key in enumerate(jax.random.split(key_shuffle, spec.epochs), start=1):
     idx_SB, mask_SB = batching.epoch_batches(epoch_key, n, spec.batch_size)
     for idx_B, mask_B in zip(idx_SB, mask_SB, strict=True):
-      state, _ = _step(spec, hparams, state, x_N[idx_B], y_N[idx_B], mask_B)
+      x_B = x_N[idx_B]
+      if max_shift is not None:
+        x_B = _augment(jax.random.fold_in(key_augment, step), x_B, max_shift)
+      state, _ = _step(spec, hparams, state, x_B, y_N[idx_B], mask_B)
+      step += 1
     if epoch in keep_epochs:
       kept.append(jax.tree.map(jnp.copy, state.params))
   return (state.params, kept) if keep_epochs else state.params

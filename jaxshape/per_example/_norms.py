@@ -60,7 +60,10 @@ def safe_norms(x_B: jax.Array) -> jax.Array:
   of a 54 ms CNN step on the CPU (measured); the extra sums fuse with the
   first.
   """
-  x_BK = _float(x_B.reshape(x_B.shape[0], -1))
+  # The barrier keeps the reduction over [B, K]: folded back into the layout of
+  # a [B, 28, 28, 1] input, XLA's CPU reductions with scaling took 2.5-8 ms
+  # instead of 0.1-0.3 ms (LR at batch 256, measured).
+  x_BK = jax.lax.optimization_barrier(_float(x_B.reshape(x_B.shape[0], -1)))
   e = jnp.finfo(x_BK.dtype).maxexp // 2
   down, up = jnp.asarray(2.0**-e, x_BK.dtype), jnp.asarray(2.0**e, x_BK.dtype)
   sq_B = jnp.sum(jnp.square(x_BK), axis=1)

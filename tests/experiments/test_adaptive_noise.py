@@ -1,4 +1,4 @@
-"""Tests of experiments/adaptive_noise.py (§7.2): the derived answer and a smoke run."""
+"""Tests of experiments/adaptive_noise/ (§7.2): the derived answer and a smoke run."""
 
 import dataclasses
 import math

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import shaping
 from experiments.shaping import detection
+from experiments.shaping import experiment
 from experiments.shaping import report
 from jaxshape import data
 from jaxshape import results
@@ -141,3 +142,11 @@ def test_mechanism_labels_and_hyperparameters():
   assert by_label["filter removed=0.1"].defense.kind == "vanilla"
   assert math.isnan(by_label["median"].hyperparameter)
   assert len(by_label) == len(mechs)  # labels are distinct
+
+
+def test_other_settings_in_the_same_out_are_refused(tmp_path):
+  config = dataclasses.replace(shaping.PRESETS["smoke"], out=str(tmp_path), parts=("multipoison",))
+  experiment.check_resumable(config)
+  experiment.check_resumable(config)  # the same settings resume
+  with pytest.raises(ValueError, match="epochs"):
+    experiment.check_resumable(dataclasses.replace(config, epochs=3))

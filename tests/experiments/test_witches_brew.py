@@ -93,6 +93,56 @@ def test_control_is_the_clean_set_on_the_victims_key(smoke):
     np.testing.assert_allclose(row["control_adv_margin"], m, rtol=1e-5, atol=1e-5)
 
 
+def test_targets_fit_the_margin_window_on_every_surrogate(smoke):
+  config, _ = smoke
+  s = experiment.setup(config)
+  finals = experiment.final_surrogates(
+    config, experiment.surrogates(config, s, common.ParamsCache(os.path.join(config.out, "cache")))
+  )
+  idx = np.flatnonzero(s.y_test == config.target_class)
+  margin, correct = experiment.surrogate_margins(config, s, finals, idx)
+  lo, hi = np.quantile(margin[correct], [0.3, 0.9])  # a window some correct targets fit
+  windowed = dataclasses.replace(config, target_margin=(float(lo), float(hi)))
+  chosen = experiment.choose_targets(windowed, s, finals)
+  assert chosen.size == config.targets and len(set(chosen.tolist())) == chosen.size
+  m, ok = experiment.surrogate_margins(config, s, finals, chosen)
+  assert ok.all() and np.all((m > lo) & (m < hi))
+  np.testing.assert_array_equal(s.y_test[chosen], config.target_class)
+  with pytest.raises(ValueError, match="targets fit"):
+    experiment.choose_targets(dataclasses.replace(config, target_margin=(1e6, 2e6)), s, finals)
+
+
+def test_nearest_bases_are_the_nearest_points_of_the_adversarial_class(smoke):
+  config, out = smoke
+  s = experiment.setup(config)
+  finals = experiment.final_surrogates(
+    config, experiment.surrogates(config, s, common.ParamsCache(os.path.join(config.out, "cache")))
+  )
+  target = int(out["rows"][0]["target_index"])
+  base_P = experiment.nearest_bases(config, s, finals, target)
+  assert base_P.size == config_lib.n_poisons(config)
+  np.testing.assert_array_equal(s.y_N[base_P], config.adversarial_class)
+  feats = lambda x: np.asarray(experiment._features(s.model, finals[0], x))
+  dist = np.linalg.norm(feats(s.x_N) - feats(s.x_test[target][None]), axis=1)
+  others = np.setdiff1d(np.flatnonzero(s.y_N == config.adversarial_class), base_P)
+  assert dist[base_P].max() <= dist[others].min() + 1e-5
+  brewed = experiment.brew_target(config, s, finals, target)  # smoke: one surrogate, cached
+  np.testing.assert_array_equal(np.sort(brewed["base_P"]), base_P)
+
+
+def test_victim_augmentation_is_keyed(smoke):
+  config, _ = smoke
+  s = experiment.setup(config)
+  spec = experiment._spec(config, s, common.VANILLA, 1)
+  hp, key = experiment._hparams(config, common.VANILLA), jax.random.key(5)
+  x, y = s.x_N[:200], s.y_N[:200]
+  run = lambda shift: jax.tree.leaves(victims.train_victim(spec, hp, key, x, y, max_shift=shift))
+  a, b, plain = run(2), run(2), run(None)
+  for u, v in zip(a, b, strict=True):
+    np.testing.assert_array_equal(u, v)
+  assert any(not np.allclose(u, w) for u, w in zip(a, plain, strict=True))
+
+
 def test_rerun_trains_nothing(smoke):
   config, out = smoke
   path = os.path.join(config.out, "results.csv")
@@ -107,6 +157,8 @@ def test_rerun_trains_nothing(smoke):
     ({"adversarial_class": 0}, "must differ"),
     ({"budget": 0.0}, "budget"),
     ({"surrogate_checkpoints": (5,)}, "surrogate_checkpoints"),
+    ({"target_margin": (-3.0, -8.0)}, "target_margin"),
+    ({"target_margin": (-3.0,)}, "target_margin"),
     ({"include_vanilla": False, "noise_multipliers": ()}, "no defense"),
   ],
 )
