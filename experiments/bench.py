@@ -19,6 +19,8 @@ steps (gradient + optax update):
   noise_only the DP step's Gaussian noise alone: `add_gaussian_noise` on an
             all-zero gradient sum + optax.sgd, i.e. one N(0, (sigma C)^2) draw
             per parameter (threefry), the floor under any exact DP-SGD step
+  centered, cosine, quantile, trimmed, median: a `jaxshape.shaping` mechanism in
+            place of the clipping of clip_fast (`experiments.bench_shaping`)
 
 With `--compare=opacus` (needs the `[compare]` extra: torch and opacus) it
 also times PyTorch SGD, Opacus hooks and Opacus ghost clipping on the same
@@ -44,6 +46,7 @@ Commands:
   python -m experiments.bench --compare=opacus        # + PyTorch / Opacus
   python -m experiments.bench --quick                 # 3 repeats, for a smoke run
   python -m experiments.bench --out runs/bench        # also write runs/bench/bench.csv
+  python -m experiments.bench --shaping               # clip_fast vs each shaping mechanism
 
 References:
   Li et al. 2022, §4 (ghost clipping); Bu et al. 2023, §3 (book-keeping);
@@ -71,6 +74,7 @@ from absl import flags
 
 import jaxshape
 from experiments import bench_models
+from experiments import bench_shaping
 from experiments import bench_torch
 from experiments.bench_models import L2_NORM_CLIP
 from experiments.bench_models import LEARNING_RATE
@@ -82,6 +86,7 @@ from jaxshape import models
 from jaxshape import results
 
 JAX_METHODS = ("sgd", "sgd_fast", "dp_vmap", "dp_fast", "clip_fast", "noise_only")
+JAX_METHODS += tuple(bench_shaping.MECHANISMS)  # shaping steps (`experiments.bench_shaping`)
 DEFAULT_METHODS = ("sgd", "dp_vmap", "dp_fast", "clip_fast", "noise_only")
 COLUMNS = ("model", "batch", "method", "ms_per_step", "peak_mem_mb")
 VMAP_MAX_BYTES = 2 << 30  # dp_vmap is skipped when B x params x 4 bytes exceeds this
@@ -159,6 +164,9 @@ def _jax_steps(name: str, seed: int) -> tuple[dict[str, Callable], dict[str, Cal
   steps.update(dp_fast=dp_fast_step, clip_fast=clip_fast_step, noise_only=noise_only_step)
   inits = {m: (dp.init if m.startswith("dp") else sgd.init) for m in steps}
   inits["noise_only"] = noise.init
+  shaping_steps, shaping_inits = bench_shaping.steps(loss_fn, bench_shaping.MECHANISMS)
+  steps.update(shaping_steps)
+  inits.update(shaping_inits)
   return steps, inits, params
 
 
@@ -326,6 +334,9 @@ flags.DEFINE_enum("compare", "", ["", "opacus"], "Also time PyTorch SGD and Opac
 flags.DEFINE_bool("quick", False, "Few repeats (a smoke run).")
 flags.DEFINE_list("methods", list(DEFAULT_METHODS), f"JAX methods to time, among {JAX_METHODS}.")
 flags.DEFINE_string("out", None, "Folder for bench.csv.")
+flags.DEFINE_bool(
+  "shaping", False, "Time clip_fast and the shaping mechanisms (experiments.bench_shaping)."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -337,7 +348,9 @@ def main(argv: Sequence[str]) -> None:
     repeats=FLAGS.repeats or defaults.get("repeats", 20),
     warmup=FLAGS.warmup if FLAGS.warmup is not None else defaults.get("warmup", 3),
     compare=FLAGS.compare or None,
-    methods=tuple(FLAGS.methods),
+    methods=("clip_fast", *bench_shaping.FAST_MECHANISMS)
+    if FLAGS.shaping
+    else tuple(FLAGS.methods),
     out=FLAGS.out,
     budget_s=FLAGS.budget,
   )
@@ -346,7 +359,8 @@ def main(argv: Sequence[str]) -> None:
   command = " ".join(["python -m experiments.bench", *sys.argv[1:]])
   print(f"\n**Bench** `{command}` on {machine()}; load average {load_start} at the start, ")
   print(f"{_load()} at the end; {time.perf_counter() - start:.0f} s wall.\n")
-  print(targets(rows))
+  shaped = any(r["method"] in bench_shaping.MECHANISMS for r in rows)
+  print(bench_shaping.table(rows) if shaped else targets(rows))
   print()
   print(summary(rows))
 

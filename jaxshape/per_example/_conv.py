@@ -183,7 +183,8 @@ class Conv:
       else:
         k = math.prod(self.kernel_shape[:-1])
         r_KO = reference["kernel"].reshape(k, self.kernel_shape[-1])
-        out["kernel"] = jnp.einsum("bpk,ko,bpo->b", self._patches(), r_KO, self.d)
+        xr_BPO = jnp.einsum("bpk,ko->bpo", self._patches(), r_KO.astype(self.d.dtype))
+        out["kernel"] = jnp.einsum("bpo,bpo->b", xr_BPO, self.d)
     if "bias" in reference:
       out["bias"] = jnp.einsum("bpo,o->b", self.d, reference["bias"])
     return out

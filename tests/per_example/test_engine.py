@@ -5,7 +5,8 @@ the clipped sum and norms must equal the reference within 1e-5 relative on a
 batch with a zero-gradient example (weight 0), a padding example (mask 0), one
 far above and one far below the clip norm, and a NaN example (dropped and
 reported non-finite); jitted and eager; vmap over clip norms equals separate
-runs; the ordinary gradient and the per-example cosines match too.
+runs; the ordinary gradient, the per-example cosines and the reweighted sum
+match too.
 """
 
 import chex
@@ -165,3 +166,53 @@ def test_norms_and_cosines_equal_reference(case):
     assert not np.isfinite(got.cosines_B[5])  # the NaN example
     np.testing.assert_array_equal(np.isfinite(got.cosines_B[:5]), ok)
     np.testing.assert_allclose(got.cosines_B[:5][ok], want_cos[:5][ok], atol=1e-5)
+
+
+# One model per rule's dot product: dense, conv (patches, slices, Gram), dense with extra
+# axes, embed and norm layers, the vmap fallback.
+REWEIGHTED_CASES = (
+  "mlp",
+  "cnn_valid",
+  "strided_cnn",
+  "resnet",
+  "transformer",
+  "dense_general",
+  "mixed",
+)
+
+
+def test_reweighted_sum_equals_reference(case):
+  """sum_i w_i g_i with w_i from (norm, dot with a reference), against the single-example loop's."""
+  name, loss_fn, params, batch, grads_B, clip = case
+  if name not in REWEIGHTED_CASES:
+    pytest.skip("its layers' dot products are covered by REWEIGHTED_CASES")
+  reference = jax.tree.map(lambda g: np.nansum(g[:5], axis=0).astype(np.float32) / 5, grads_B)
+  ref_sq = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in jax.tree.leaves(reference))
+
+  def weights_fn(norms_B, dots_B):  # centered clipping's min(1, C / ||g_i - r||)
+    dev_B = jnp.sqrt(jnp.maximum(jnp.square(norms_B) - 2.0 * dots_B + ref_sq, 0.0))
+    return jnp.minimum(1.0, clip / jnp.where(dev_B > 0, dev_B, 1.0))
+
+  g = np.concatenate([x.reshape(BATCH, -1) for x in jax.tree.leaves(grads_B)], axis=1)
+  r = np.concatenate([x.reshape(-1) for x in jax.tree.leaves(reference)]).astype(np.float64)
+  norms_B = np.linalg.norm(g, axis=1)
+  with np.errstate(invalid="ignore"):
+    dots_B = g @ r
+  keep_B = np.where(np.isfinite(norms_B), batch["mask"], 0.0)
+  dev_B = np.sqrt(np.maximum(norms_B**2 - 2 * dots_B + ref_sq, 0.0))
+  w_B = np.where(keep_B > 0, np.minimum(1.0, clip / np.where(dev_B > 0, dev_B, 1.0)), 0.0)
+  want = jax.tree.map(
+    lambda x: np.einsum(
+      "b,b...->...", w_B, np.nan_to_num(x * (keep_B > 0).reshape((-1,) + (1,) * (x.ndim - 1)))
+    ),
+    grads_B,
+  )
+  got = jax.jit(
+    lambda p, b, r: per_example.reweighted_sum(loss_fn, p, b, r, weights_fn, method="fast")
+  )(params, batch, reference)
+  assert_tree_close(got.sum, want)
+  np.testing.assert_array_equal(got.mask_B, keep_B)
+  np.testing.assert_allclose(got.norms_B[:5], norms_B[:5], rtol=1e-5, atol=1e-30)
+  scale = np.max(np.abs(dots_B[:5]))
+  np.testing.assert_allclose(got.dots_B[:5], dots_B[:5], rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(got.weights_B, w_B, rtol=1e-4, atol=1e-6)

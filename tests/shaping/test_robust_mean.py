@@ -45,3 +45,14 @@ def test_median_ignores_an_outlier():
   got = np.concatenate([np.ravel(x) for x in jax.tree.leaves(total)]) / B
   s = np.sort(flat(g), axis=0)
   assert np.all(got >= s[3] - 1e-5) and np.all(got <= s[5] + 1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 13])
+def test_sorted_rows_equals_numpy_sort(rows):
+  """The bitonic network sorts each column like np.sort, for any batch size, ties and +inf."""
+  from jaxshape.shaping import robust_mean
+
+  rng = np.random.default_rng(rows)
+  x = rng.integers(-3, 4, size=(rows, 37)).astype(np.float32)  # many ties
+  x[rng.random(x.shape) < 0.1] = np.inf  # dropped rows' values
+  np.testing.assert_array_equal(jax.jit(robust_mean.sorted_rows)(x), np.sort(x, axis=0))
