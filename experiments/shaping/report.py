@@ -193,30 +193,53 @@ def best_table(best: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plot_pareto(path: str, summary: list[dict], attack: str) -> None:
-  """Metric vs clean-accuracy cost for one attack, a panel per ratio, a curve per mechanism."""
-  panels = []
+def plot_pareto(path: str, summary: list[dict], attack: str, max_cost: float = 10.0) -> None:
+  """Metric vs clean-accuracy cost for one attack, a panel per ratio, a curve per mechanism
+  over its hyperparameter; the cost budgets as dotted lines; points costing more than
+  `max_cost` points are left off the axes and named in the legend."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
   ratios = sorted({float(r["poison_ratio"]) for r in summary if r["attack"] == attack})
-  for ratio in ratios:
+  fig = Figure(figsize=(5.5 * len(ratios), 4.4), layout="constrained")
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(ratios), squeeze=False)[0]
+  for ax, ratio in zip(axes, ratios, strict=True):
     pts = [r for r in summary if r["attack"] == attack and float(r["poison_ratio"]) == ratio]
-    series = {}
-    for mech in MECHANISMS:
+    for i, mech in enumerate(m for m in MECHANISMS if any(r["mechanism"] == m for r in pts)):
       mine = [r for r in pts if r["mechanism"] == mech]
-      if not mine:
-        continue
-      mine.sort(key=lambda r: float(r["hyperparameter"]) if not _nan(r["hyperparameter"]) else 0)
-      err = []
-      for r in mine:
-        if r["metric_name"] == "success":
-          err.append((float(r["ci_high"]) - float(r["ci_low"])) / 2)
-        else:
-          err.append(r["metric_std"])
-      series[mech] = (
-        np.array([r["cost"] for r in mine]),
-        np.array([r["metric"] for r in mine]),
-        np.array(err),
+      mine.sort(key=lambda r: 0.0 if _nan(float(r["hyperparameter"])) else r["hyperparameter"])
+      shown = [r for r in mine if r["cost"] <= max_cost]
+      label = mech + (
+        f" ({len(mine) - len(shown)} pt(s) cost > {max_cost:g})" if len(shown) < len(mine) else ""
       )
+      if not shown:
+        ax.plot([], [], label=label, **results.style(i, len(MECHANISMS)))
+        continue
+      y = np.array([r["metric"] for r in shown], np.float64)
+      if shown[0]["metric_name"] == "success":
+        err = np.array(
+          [[r["metric"] - r["ci_low"] for r in shown], [r["ci_high"] - r["metric"] for r in shown]],
+          np.float64,
+        )
+      else:
+        err = np.array([r["metric_std"] for r in shown], np.float64)
+      ax.errorbar(
+        [r["cost"] for r in shown],
+        y,
+        yerr=err,
+        xerr=[r["cost_std"] for r in shown],
+        label=label,
+        markersize=4,
+        capsize=2,
+        **results.style(i, len(MECHANISMS)),
+      )
+    for budget in BUDGETS:
+      ax.axvline(budget, color="0.6", linestyle=":", linewidth=1)
     name = pts[0]["metric_name"] if pts else "metric"
-    panels.append((f"{attack} at {ratio:.4g}", series))
-  ylabel = "RAD (best epoch)" if name != "success" else "multi-poison success (95% Wilson)"
-  results.panel_plot(path, panels, xlabel="clean-accuracy cost (points vs vanilla)", ylabel=ylabel)
+    ax.set_ylabel("RAD (best epoch)" if name != "success" else "success (95% Wilson)")
+    ax.set_xlabel("clean-accuracy cost (points vs vanilla)")
+    ax.set_title(f"{attack} at {ratio:.4g}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, frameon=False)
+  results.save_figure(fig, path, dpi=130)

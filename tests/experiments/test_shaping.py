@@ -35,7 +35,7 @@ TINY = dict(
   noise_multipliers=(),
   centered_radii=(1.0,),
   cosine_thresholds=(),
-  trim_fractions=(0.2,),
+  trim_fractions=(),  # the robust aggregators compile slowly; tests/shaping covers them
   median=False,
   quantiles=(),
   filter_fractions=(0.25,),
@@ -57,7 +57,7 @@ def smoke(tmp_path_factory):
 def test_rows_cover_the_grid(smoke):
   config, res = smoke
   mechs = shaping.mechanisms(config)
-  assert [m.name for m in mechs] == ["vanilla", "centered", "trimmed", "filter"]
+  assert [m.name for m in mechs] == ["vanilla", "centered", "filter"]
   path = os.path.join(config.out, "results.csv")
   assert results.read_header(path) == list(shaping.RESULT_COLUMNS)
   rows = results.parse(results.read_csv(path))
@@ -96,7 +96,7 @@ def test_tables_plots_and_resume(smoke):
     assert os.path.getsize(os.path.join(config.out, f"pareto_{attack}.png")) > 0
   best = results.parse(results.read_csv(os.path.join(config.out, "best.csv")))
   groups = {(b["attack"], b["poison_ratio"]) for b in best}
-  assert len(best) == len(report.BUDGETS) * len(groups) * 4
+  assert len(best) == len(report.BUDGETS) * len(groups) * 3
   vanilla = [b for b in best if b["mechanism"] == "vanilla"]
   assert all(b["metric"] == pytest.approx(b["vanilla_metric"]) for b in vanilla)
   before = results.read_csv(os.path.join(config.out, "indiscriminate_runs.csv"))
